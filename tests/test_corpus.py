@@ -1,0 +1,116 @@
+"""Corpus reading: formats, the document-level split, counted skips, and exact input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import from_mapping
+from pipeline.corpus import CorpusConfig, read_corpus, split_documents
+from pipeline.errors import ConfigError, InputError
+from tests.conftest import write_corpus
+
+
+def cfg(path, langs=("en", "de"), **kw) -> CorpusConfig:
+    return CorpusConfig(path=str(path), languages=list(langs), **kw)
+
+
+def test_reads_txt_folder_and_counts_skips(tmp_path):
+    root = write_corpus(tmp_path, {"en": ["a b", "", "a b", "c d", "e f"], "de": ["x", "y"]})
+    docs = read_corpus(cfg(root))
+    assert sorted(docs.train["en"] + docs.validation["en"]) == ["a b", "c d", "e f"]
+    assert docs.skipped["en"]["empty_line"] == 1
+    assert docs.skipped["en"]["duplicate"] == 1
+    assert len(docs.validation["de"]) == 1 and len(docs.train["de"]) == 1
+
+
+def test_split_is_by_document_hash_stable_and_order_free():
+    docs = [f"document number {i}" for i in range(400)]
+    train, val = split_documents("en", docs, 0.1)
+    assert 20 < len(val) < 60 and len(train) + len(val) == 400
+    # Reordering or adding documents never moves an existing document across the split.
+    train2, val2 = split_documents("en", list(reversed(docs)) + ["new one"], 0.1)
+    assert set(val) <= set(val2) and set(train) <= set(train2)
+
+
+def test_jsonl_and_parquet_records(tmp_path):
+    rows = [
+        {"text": "hello world", "lang": "en"},
+        {"text": "hallo welt", "lang": "de"},
+        {"text": "good day", "lang": "en"},
+        {"text": "guten tag", "lang": "de"},
+        {"text": "bonjour", "lang": "fr"},
+    ]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:3]) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows[3:]), tmp_path / "b.parquet")
+    docs = read_corpus(cfg(tmp_path))
+    assert sorted(docs.train["en"] + docs.validation["en"]) == ["good day", "hello world"]
+    assert docs.skipped["fr"]["language_not_selected"] == 1
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(
+        InputError, match=r"^corpus.path: .*nope does not exist \(set corpus.path in params.yaml\)$"
+    ):
+        read_corpus(cfg(tmp_path / "nope"))
+
+
+def test_empty_file(tmp_path):
+    write_corpus(tmp_path, {"en": ["a", "b"]})
+    (tmp_path / "de.txt").write_text("\n\n")
+    with pytest.raises(
+        InputError, match=r"de.txt: file is empty; add documents \(one per line\) or remove it$"
+    ):
+        read_corpus(cfg(tmp_path))
+
+
+def test_language_without_file(tmp_path):
+    write_corpus(tmp_path, {"en": ["a", "b"]})
+    with pytest.raises(
+        InputError, match=r"^corpus.languages: no data for de \(looked for .*/<lang>.txt"
+    ):
+        read_corpus(cfg(tmp_path))
+
+
+def test_invalid_utf8_names_file_and_line_or_is_skipped_and_counted(tmp_path):
+    write_corpus(tmp_path, {"de": ["x", "y"]})
+    (tmp_path / "en.txt").write_bytes(b"fine line\nbad \xff\xfe line\nanother\n")
+    with pytest.raises(
+        InputError,
+        match=r"en.txt:2: invalid UTF-8 at byte 4 of the line .*corpus.on_invalid_utf8: skip",
+    ):
+        read_corpus(cfg(tmp_path))
+    docs = read_corpus(cfg(tmp_path, on_invalid_utf8="skip"))
+    assert docs.skipped["en"]["invalid_utf8"] == 1
+    assert sorted(docs.train["en"] + docs.validation["en"]) == ["another", "fine line"]
+
+
+def test_bad_jsonl_record(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "hi", "lang": "en"}\n{"text": 3, "lang": "en"}\n')
+    with pytest.raises(InputError, match=r"a.jsonl: line 2: field `text` must be a string"):
+        read_corpus(cfg(tmp_path, langs=["en"]))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"languages": ["english"]}, "corpus.languages: 'english' is not a language code"),
+        ({"languages": ["en", "en"]}, "corpus.languages: listed more than once: en"),
+        ({"languages": []}, "corpus.languages: list at least one language"),
+        (
+            {"validation_fraction": 0.7},
+            r"corpus.validation_fraction: must be in \(0, 0.5\), got 0.7",
+        ),
+        (
+            {"on_invalid_utf8": "ignore"},
+            "corpus.on_invalid_utf8: must be one of 'error', 'skip', got 'ignore'",
+        ),
+        ({"langauges": ["en"]}, "corpus.langauges: unknown key .*did you mean 'corpus.languages'"),
+    ],
+)
+def test_param_errors_name_the_key(values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_mapping(CorpusConfig, values, "corpus")
