@@ -94,7 +94,7 @@ def ids_fingerprint(ids: np.ndarray) -> str:
     """sha256 of an (N, L) token-id array's shape, dtype and little-endian bytes."""
     arr = np.ascontiguousarray(ids, dtype=np.dtype("<i4"))
     h = hashlib.sha256(f"int32{arr.shape}".encode())
-    h.update(memoryview(arr).cast("B"))
+    h.update(arr.reshape(-1).view(np.uint8))  # zero-copy; also fine for an empty (0, L) array
     return h.hexdigest()
 
 

@@ -1,0 +1,132 @@
+"""The `softlabels` command line: tools around the artifacts the pipeline shares.
+
+One argparse subcommand per tool. Each lives in a `_add_<name>(subparsers)` function that builds
+its parser and sets `func` to a handler taking the parsed args and returning the exit status; to
+add a command, write such a function and list it in `COMMANDS`. Exit statuses: 0 success, 1 the
+command ran and found problems, 2 usage or input errors. `SoftlabelsError` (a problem the user
+can fix) is caught here and printed as `error: <message>` without a traceback; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from pipeline import __version__
+from pipeline.errors import SoftlabelsError
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="print a logits store's provenance, layout and size",
+        description=(
+            "Print a logits store's provenance (teacher, tokenizer, dataset fingerprints, method, "
+            "k, seed), per split the shapes, chunks, shards and compressors of its arrays, the "
+            "shard files present, bytes on disk and bytes per stored (id, logprob) entry, and "
+            "whether it is complete. Reads metadata only: instant, even on a store in progress."
+        ),
+    )
+    p.add_argument(
+        "store", metavar="STORE", help="path of the store, e.g. data/logits/teacher.zarr"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from pipeline.store_inspect import describe_store, store_summary
+
+    if args.json:
+        print(json.dumps(store_summary(args.store), indent=2, ensure_ascii=False))
+    else:
+        print(describe_store(args.store))
+    return EXIT_OK
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a logits store's checksums, data and compatibility",
+        description=(
+            "Check a logits store: format version, complete flag, every shard file present and "
+            "matching its recorded sha256, attributes consistent with the arrays, values in range "
+            "(ids inside the vocabulary, log-probabilities <= 0, probability mass summing to 1), "
+            "and optionally that a tokenizer and a tokenized dataset match it. Decompresses the "
+            "whole store, one chunk at a time. Prints OK, or one line per problem."
+        ),
+        epilog="exit status: 0 OK, 1 problems found, 2 usage or input error",
+    )
+    p.add_argument(
+        "store", metavar="STORE", help="path of the store, e.g. data/logits/teacher.zarr"
+    )
+    p.add_argument(
+        "--tokenized",
+        metavar="DIR",
+        help="tokenized dataset (tokenize stage output, e.g. data/tokenized): its input_ids must "
+        "be the ones the store was made from",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer folder (e.g. models/teacher): its identity must match the store's",
+    )
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from pipeline.store_verify import verify_store
+
+    problems = verify_store(args.store, tokenizer=args.tokenizer, tokenized=args.tokenized)
+    if not problems:
+        print(f"OK: {args.store}")
+        return EXIT_OK
+    print(f"{args.store}: {len(problems)} problem(s):")
+    for problem in problems:
+        print(f"  - {problem}")
+    return EXIT_PROBLEMS
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_verify]
+"""Subcommand registrars, in the order `--help` lists them. Add new commands here."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="softlabels",
+        description=(
+            "Tools for softlabels artifacts (offline teacher soft labels for knowledge "
+            "distillation). The pipeline itself runs with `dvc repro`."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"softlabels {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (also for usage errors and --help)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except SoftlabelsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
