@@ -1,0 +1,305 @@
+"""The soft-label kernel (pipeline.softlabels): parity with a full-logits reference, sampling
+statistics, invariance to slicing / batching / threads, exact tails, architecture splitting."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.softlabels import (
+    Fidelity,
+    SoftLabelKernel,
+    check_split,
+    draw_uniforms,
+    per_sequence_stats,
+    shard_generator,
+)
+
+
+def tiny_llama(vocab: int, *, hidden: int = 16, head_scale: float = 50.0, seed: int = 0):
+    """A 1-layer random Llama; the head is scaled so distributions are peaked, as in real LMs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+def reference(logits: torch.Tensor, method: str, k: int, u: torch.Tensor | None = None) -> dict:
+    """Straightforward float64 soft labels from full (N, V) logits, in the canonical order."""
+    logp = torch.log_softmax(logits.double(), -1)  # (N, V)
+    p = logp.exp()
+    if method == "topk":
+        ids = logp.topk(k, -1).indices
+    else:
+        cdf = p.cumsum(-1)
+        ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=logp.shape[1] - 1)
+    ids = ids.sort(-1).values
+    lp = logp.gather(-1, ids)
+    lp, order = lp.sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(-1, order)
+    tail = logp.scatter(-1, ids, -math.inf).logsumexp(-1)
+    covered = torch.zeros_like(p).scatter(-1, ids, 1.0).mul(p).sum(-1)
+    return {
+        "ids": ids,
+        "logprobs": lp,
+        "tail": tail,
+        "covered": covered,
+        "entropy": -(p * logp).sum(-1),
+        "top1": p.max(-1).values,
+    }
+
+
+def run_kernel(model, input_ids, method, k, rows, seed=0):
+    kernel = SoftLabelKernel(model, method=method, k=k, head_chunk_tokens=rows)
+    n = input_ids.numel()
+    u = draw_uniforms(shard_generator(seed, "train", 0), n, k) if method == "sample" else None
+    return kernel(input_ids, u).reshape(n), u
+
+
+def assert_matches_reference(out, ref) -> None:
+    assert torch.equal(out.ids.long(), ref["ids"])
+    # fp16 storage: one rounding of the float64 value
+    torch.testing.assert_close(out.logprobs.double(), ref["logprobs"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out.tail.double(), ref["tail"], rtol=1e-3, atol=1e-3)
+    for name in ("covered", "entropy", "top1"):
+        torch.testing.assert_close(getattr(out, name).double(), ref[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["topk", "sample"])
+@pytest.mark.parametrize(("vocab", "rows"), [(300, 7), (131_111, 5)])
+def test_slices_match_full_logits_reference(method: str, vocab: int, rows: int) -> None:
+    """Slices of 5-7 rows (the last one short), vocab padded to BLOCK, up to 131k ids."""
+    model = tiny_llama(vocab)
+    input_ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+    out, u = run_kernel(model, input_ids, method, 8, rows)
+    with torch.inference_mode():
+        logits = model(input_ids).logits.reshape(-1, vocab)  # the full-logits reference
+    assert_matches_reference(out, reference(logits, method, 8, u))
+
+
+def test_position_t_holds_the_distribution_of_token_t_plus_1() -> None:
+    """No shift: position t is the model's output at t (the prediction of token t+1)."""
+    model = tiny_llama(100)
+    input_ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    out, _ = run_kernel(model, input_ids, "topk", 1, 64)
+    with torch.inference_mode():
+        prefix = model(input_ids[:, :3]).logits[0, -1]  # sees tokens 0..2 only
+    assert int(out.ids[2, 0]) == int(prefix.argmax())
+
+
+def test_sampled_frequencies_match_teacher_probabilities() -> None:
+    """64,000 draws from one distribution: chi-square against the teacher's probabilities."""
+    vocab, n_rows, k = 200, 4000, 16
+    model = tiny_llama(vocab, head_scale=60.0)
+    kernel = SoftLabelKernel(model, method="sample", k=k, head_chunk_tokens=512)
+    h = torch.randn(1, 16, generator=torch.Generator().manual_seed(3)).expand(n_rows, 16)
+    u = draw_uniforms(shard_generator(7, "train", 0), n_rows, k)
+    out = kernel.from_hidden(h.contiguous(), u)
+    with torch.inference_mode():
+        p = torch.softmax(model.lm_head(h[:1]).double(), -1)[0].numpy()  # (V,)
+    counts = np.bincount(out.ids.reshape(-1).numpy(), minlength=vocab)
+    expected = p * n_rows * k
+    big = expected >= 5
+    obs, exp = counts[big], expected[big]
+    if (~big).any():  # pool the rare ids into one bin
+        obs, exp = np.append(obs, counts[~big].sum()), np.append(exp, expected[~big].sum())
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    df = len(obs) - 1
+    z = 3.72  # one-sided p = 1e-4, Wilson-Hilferty approximation of the chi-square quantile
+    critical = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    assert df >= 20, "the toy distribution should spread over many ids"
+    assert chi2 < critical, f"chi2={chi2:.1f} >= {critical:.1f} (df={df})"
+    # duplicates are kept, adjacent, and the tail excludes each distinct id once
+    ids = out.ids.long()
+    assert (ids[:, 1:] == ids[:, :-1]).any()
+    seen = torch.zeros(n_rows, vocab, dtype=torch.bool).scatter(-1, ids, True)
+    covered = (torch.from_numpy(p)[None] * seen).sum(-1)
+    torch.testing.assert_close(out.covered.double(), covered, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.tail.double(), torch.log1p(-covered), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize(("vocab", "rows"), [(700, 1024), (700, 3), (40_000, 1)])
+def test_results_do_not_depend_on_torch_threads(vocab: int, rows: int) -> None:
+    """Byte-identical outputs with 1 and 2 torch threads, including single-row slices of a
+    vocabulary longer than torch's reduction grain (which torch splits across threads)."""
+    model = tiny_llama(vocab)
+    input_ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(4))
+
+    def fields(out):
+        return [
+            getattr(out, f).numpy().tobytes()
+            for f in ("ids", "logprobs", "tail", "covered", "entropy", "top1")
+        ]
+
+    threads = torch.get_num_threads()
+    for method in ("topk", "sample"):
+        try:
+            torch.set_num_threads(2)
+            two, _ = run_kernel(model, input_ids, method, 6, rows)
+            torch.set_num_threads(1)
+            one, _ = run_kernel(model, input_ids, method, 6, rows)
+        finally:
+            torch.set_num_threads(threads)
+        assert fields(one) == fields(two)
+
+
+def test_uniform_stream_is_the_same_however_it_is_drawn() -> None:
+    whole = draw_uniforms(shard_generator(0, "validation", 3), 100, 4)
+    g = shard_generator(0, "validation", 3)
+    parts = torch.cat([draw_uniforms(g, 1, 4), draw_uniforms(g, 37, 4), draw_uniforms(g, 62, 4)])
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole, draw_uniforms(shard_generator(0, "validation", 4), 100, 4))
+    assert not torch.equal(whole, draw_uniforms(shard_generator(1, "validation", 3), 100, 4))
+
+
+def test_tail_is_exact_when_uncovered_mass_underflows() -> None:
+    """Uncovered mass ~1e-60 underflows fp32 sums; the tail is still logsumexp (finite), and it
+    is -inf once every id is stored."""
+    vocab = 130
+    model = tiny_llama(vocab, head_scale=1.0)
+    with torch.no_grad():
+        w = torch.zeros(vocab, 16)
+        w[:, 0] = -torch.arange(vocab, dtype=torch.float32) * 140.0  # logit gaps of 140 nats
+        model.lm_head.weight.copy_(w)
+    h = torch.zeros(3, 16)
+    h[:, 0] = torch.tensor([1.0, 0.5, 0.25])
+    for k, expect_inf in ((2, False), (vocab, True)):
+        kernel = SoftLabelKernel(model, method="topk", k=k, head_chunk_tokens=64)
+        out = kernel.from_hidden(h, None)
+        ref = reference(model.lm_head(h).detach(), "topk", k)
+        assert torch.equal(out.ids.long(), ref["ids"])
+        if expect_inf:
+            assert torch.isneginf(out.tail.float()).all()
+        else:
+            assert torch.isfinite(out.tail.float()).all() and (out.tail.float() < -30).all()
+            torch.testing.assert_close(out.tail.double(), ref["tail"], rtol=1e-3, atol=0.0)
+
+
+def architectures() -> list:
+    from transformers import (
+        CodeGenConfig,
+        CodeGenForCausalLM,
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
+
+    small = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 150,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 2,
+    }
+    gpt = {"n_layer": 1, "n_head": 4, "vocab_size": 150, "bos_token_id": 0, "eos_token_id": 1}
+    return [
+        (GPT2LMHeadModel, GPT2Config(n_embd=32, **gpt)),
+        (CodeGenForCausalLM, CodeGenConfig(n_embd=32, rotary_dim=4, **gpt)),  # head with bias
+        (Gemma2ForCausalLM, Gemma2Config(head_dim=16, final_logit_softcapping=0.5, **small)),
+        (CohereForCausalLM, CohereConfig(logit_scale=3.0, **small)),
+        (GraniteForCausalLM, GraniteConfig(logits_scaling=0.25, **small)),
+    ]
+
+
+@pytest.mark.parametrize("arch", range(5))
+def test_other_architectures_split_exactly(arch: int) -> None:
+    """Generic split (get_decoder + get_output_embeddings) with bias, softcap and logit scales."""
+    cls, config = architectures()[arch]
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    kernel = SoftLabelKernel(model, method="topk", k=5, head_chunk_tokens=4)
+    check_split(model, kernel)
+    input_ids = torch.randint(0, 150, (1, 9), generator=torch.Generator().manual_seed(5))
+    out = kernel(input_ids, None).reshape(9)
+    with torch.inference_mode():
+        logits = model(input_ids).logits.reshape(9, -1)
+    assert_matches_reference(out, reference(logits, "topk", 5))
+
+
+def test_unsplittable_model_is_refused() -> None:
+    class Opaque(torch.nn.Module):
+        def forward(self, input_ids):  # pragma: no cover - never called
+            return input_ids
+
+    with pytest.raises(InputError) as e:
+        SoftLabelKernel(Opaque(), method="topk", k=1, head_chunk_tokens=8)
+    assert str(e.value) == (
+        "Opaque: cannot split this model into a backbone and a linear output head "
+        "(get_decoder()/base_model and get_output_embeddings() must exist); teacher_logits "
+        "supports Hugging Face *ForCausalLM models"
+    )
+
+
+def test_unknown_logit_transform_is_detected() -> None:
+    from transformers import LlamaForCausalLM
+
+    class Doubled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2 + 1
+            return out
+
+    model = Doubled(tiny_llama(90).config).eval()
+    kernel = SoftLabelKernel(model, method="topk", k=3, head_chunk_tokens=8)
+    with pytest.raises(InputError) as e:
+        check_split(model, kernel)
+    assert str(e.value).startswith("Doubled: backbone + output head do not reproduce the model's")
+    assert str(e.value).endswith(
+        "this architecture transforms its logits in a way teacher_logits does not support"
+    )
+
+
+@pytest.mark.parametrize("k", [0, 91])
+def test_kernel_refuses_k_outside_vocabulary(k: int) -> None:
+    with pytest.raises(ConfigError) as e:
+        SoftLabelKernel(tiny_llama(90), method="sample", k=k, head_chunk_tokens=8)
+    assert str(e.value) == (
+        f"teacher_logits.k: must be between 1 and the teacher's vocabulary size 90, got {k}"
+    )
+
+
+def test_fidelity_sums_per_language_and_overall() -> None:
+    per_seq = np.array([[1.0, 2.0, 0.5], [3.0, 4.0, 1.5], [2.0, 2.0, 2.0]])  # (n, 3)
+    a = Fidelity()
+    a.add(["de", "en"], np.array([1, 0, 1]), per_seq, seq_len=4)
+    b = Fidelity()
+    b.add(["en"], np.array([0]), per_seq[:1], seq_len=4)
+    a.merge(b)
+    rep = a.report()
+    assert rep["per_language"]["de"] == {
+        "tokens": 4,
+        "covered_mass": 0.75,
+        "entropy": 1.0,
+        "top1_prob": 0.375,
+    }
+    assert rep["per_language"]["en"]["tokens"] == 12  # rows 0 and 2, then b's row
+    assert rep["overall"]["tokens"] == 16
+    assert rep["overall"]["covered_mass"] == pytest.approx((1 + 3 + 2 + 1) / 16)
+    stats = per_sequence_stats(*(np.ones((2, 3), np.float32) * v for v in (0.5, 2.0, 0.25)))
+    assert stats.tolist() == [[1.5, 6.0, 0.75], [1.5, 6.0, 0.75]]

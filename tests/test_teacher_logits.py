@@ -1,0 +1,372 @@
+"""The teacher_logits stage: end to end on a tiny teacher, resume after SIGKILL and after a full
+disk (byte-identical stores), Dask vs in-process, and the errors for bad inputs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.config import from_params, load_params
+from pipeline.errors import ConfigError, InputError, StoreError
+from pipeline.store import read_attrs, verify_store
+from pipeline.teacher_logits import DaskConfig, TeacherLogitsConfig, run_teacher_logits
+
+REPO = Path(__file__).resolve().parents[1]
+LANGS = ("en", "de", "zh")
+
+
+def write_tokenized(
+    path: Path,
+    vocab: int,
+    sizes: dict[str, int],
+    seq_len: int = 16,
+    seed: int = 0,
+    high: int | None = None,
+) -> Path:
+    """A tokenize-stage-like DatasetDict: fixed-length int32 `input_ids` and `lang`."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    features = datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32"), length=seq_len),
+            "lang": datasets.Value("string"),
+        }
+    )
+    splits = {}
+    for split, n in sizes.items():
+        rows = rng.integers(0, high or vocab, (n, seq_len), dtype=np.int32)
+        langs = [LANGS[i % len(LANGS)] for i in range(n)]
+        splits[split] = datasets.Dataset.from_dict(
+            {"input_ids": rows.tolist(), "lang": langs}, features=features
+        )
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+    return path
+
+
+def small_cfg(**overrides) -> TeacherLogitsConfig:
+    base = TeacherLogitsConfig(
+        method="sample",
+        k=8,
+        batch_size=3,
+        chunk_sequences=2,
+        shard_chunks=2,
+        head_chunk_tokens=20,
+        device="cpu",
+    )
+    return replace(base, **overrides)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under root, by relative path (to compare stores byte for byte)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def run(cfg: TeacherLogitsConfig, teacher: Path, tokenized: Path, root: Path) -> dict:
+    return run_teacher_logits(
+        cfg,
+        teacher_dir=teacher,
+        tokenized_dir=tokenized,
+        out=root / "out" / "teacher.zarr",
+        metrics=root / "metrics.json",
+        work_dir=root / "work",
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, tiny_tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("tokenized")
+    return write_tokenized(root / "tok", len(tiny_tokenizer), {"train": 13, "validation": 5})
+
+
+@pytest.mark.parametrize(
+    ("method", "dtype"), [("topk", "auto"), ("sample", "auto"), ("sample", "bfloat16")]
+)
+def test_end_to_end_store_verifies(tmp_path, tiny_teacher, tokenized, method, dtype) -> None:
+    metrics = run(small_cfg(method=method, dtype=dtype), tiny_teacher, tokenized, tmp_path)
+    out = tmp_path / "out" / "teacher.zarr"
+    assert verify_store(out, tokenizer=tiny_teacher, tokenized=tokenized) == []
+    attrs = read_attrs(out)
+    prov = json.loads((tiny_teacher / "provenance.json").read_text())
+    assert attrs["complete"] is True and attrs["method"] == method and attrs["k"] == 8
+    assert attrs["teacher"]["sha256"] == prov["sha256"]
+    assert attrs["tokenizer"] == prov["tokenizer"]
+    # metrics: written, per language and overall, deterministic content
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["tokens"] == (13 + 5) * 16
+    assert sorted(metrics["per_language"]) == sorted(LANGS)
+    assert sum(v["tokens"] for v in metrics["per_language"].values()) == metrics["tokens"]
+    overall = metrics["overall"]
+    assert 0 < overall["covered_mass"] <= 1 and 0 < overall["top1_prob"] <= 1
+    assert overall["entropy"] > 0
+    assert 0 < metrics["storage"]["bytes_per_entry"] < 6
+    # nothing left behind: the work folder is emptied, no partial files next to the output
+    assert list((tmp_path / "work").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["teacher.zarr"]
+    assert not [p for p in out.rglob("*") if p.name.endswith((".partial", ".tmp"))]
+
+
+def test_store_holds_the_kernel_outputs_per_shard_stream(tmp_path, tiny_teacher, tokenized):
+    """Row r of shard s is the kernel's output for that row, with shard s's sampling stream."""
+    import torch
+
+    from pipeline.logits_shards import load_teacher, load_tokenized
+    from pipeline.softlabels import SoftLabelKernel, draw_uniforms, shard_generator
+    from pipeline.store import open_split
+
+    cfg = small_cfg(batch_size=4)  # one batch per shard (shards hold 4 sequences)
+    run(cfg, tiny_teacher, tokenized, tmp_path)
+    arrays = open_split(tmp_path / "out" / "teacher.zarr", "train")
+    ids = load_tokenized(tokenized)["train"].input_ids
+    kernel = SoftLabelKernel(
+        load_teacher(tiny_teacher, "cpu", "float32"), method="sample", k=8, head_chunk_tokens=20
+    )
+    for shard, (a, b) in ((1, (4, 8)), (3, (12, 13))):
+        u = draw_uniforms(shard_generator(cfg.seed, "train", shard), (b - a) * 16, 8)
+        out = kernel(torch.from_numpy(ids[a:b].astype(np.int64)), u)
+        assert np.array_equal(arrays["ids"][a:b], out.ids.numpy())
+        assert np.array_equal(arrays["logprobs"][a:b], out.logprobs.numpy())
+        assert np.array_equal(arrays["tail"][a:b], out.tail.numpy())
+        assert np.array_equal(arrays["input_ids"][a:b], ids[a:b])
+
+
+def _stage_cmd(params: Path, teacher: Path, tokenized: Path, root: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "stages" / "teacher_logits.py"),
+        "--params",
+        str(params),
+        "--teacher",
+        str(teacher),
+        "--tokenized",
+        str(tokenized),
+        "--out",
+        str(root / "out" / "teacher.zarr"),
+        "--metrics",
+        str(root / "metrics.json"),
+        "--work-dir",
+        str(root / "work"),
+    ]
+
+
+def _write_params(path: Path, section: dict) -> Path:
+    path.write_text(yaml.safe_dump({"teacher_logits": section}), "utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_gives_a_byte_identical_store(tmp_path, tiny_teacher, tiny_tokenizer):
+    """Kill -9 the stage twice mid-run (after the 1st and a later shard record), re-run: the
+    store is byte-identical to an uninterrupted run and has no partial files."""
+    tok = write_tokenized(tmp_path / "tok", len(tiny_tokenizer), {"train": 120, "validation": 8})
+    section = {
+        "method": "sample",
+        "k": 8,
+        "batch_size": 1,
+        "chunk_sequences": 1,
+        "shard_chunks": 2,
+        "head_chunk_tokens": 16,
+        "device": "cpu",
+    }
+    params = _write_params(tmp_path / "params.yaml", section)
+    cfg = from_params(TeacherLogitsConfig, load_params(params), "teacher_logits")
+    run(cfg, tiny_teacher, tok, tmp_path / "clean")
+    clean = tree_bytes(tmp_path / "clean" / "out" / "teacher.zarr")
+
+    root = tmp_path / "killed"
+    cmd = _stage_cmd(params, tiny_teacher, tok, root)
+    for wait_for in (1, 6):
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((root / "work").glob("*/shards/*.json"))) >= wait_for:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (root / "out").exists()  # the output appears only complete
+        done = len(list((root / "work").glob("*/shards/*.json")))
+        assert wait_for <= done < 64, done
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "resuming:" in result.stderr
+    resumed = tree_bytes(root / "out" / "teacher.zarr")
+    assert resumed.keys() == clean.keys()
+    assert [k for k in clean if clean[k] != resumed[k]] == []
+    assert list((root / "work").iterdir()) == []
+    assert json.loads((root / "metrics.json").read_text()) == json.loads(
+        (tmp_path / "clean" / "metrics.json").read_text()
+    )
+
+
+def test_disk_full_keeps_finished_shards_and_rerun_resumes(
+    tmp_path, tiny_teacher, tokenized, monkeypatch
+) -> None:
+    """ENOSPC on the 3rd shard: a clear error, 2 shards kept; one of them is then corrupted on
+    disk; the rerun recomputes it and the rest and matches an uninterrupted run byte for byte."""
+    import pipeline.logits_shards as shards
+
+    cfg = small_cfg()
+    run(cfg, tiny_teacher, tokenized, tmp_path / "clean")
+    clean = tree_bytes(tmp_path / "clean" / "out" / "teacher.zarr")
+
+    real, calls = shards.write_shard, []
+
+    def failing(*args, **kwargs):
+        calls.append(args[2:4])
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", failing)
+    root = tmp_path / "full"
+    with pytest.raises(StoreError) as e:
+        run(cfg, tiny_teacher, tokenized, root)
+    (kdir,) = (root / "work").iterdir()
+    assert str(e.value) == (
+        "disk full while writing soft labels ([Errno 28] No space left on device); the 2 "
+        f"finished shard(s) are kept in {kdir}: free space and re-run teacher_logits to resume"
+    )
+    assert not (root / "out").exists()
+    monkeypatch.setattr(shards, "write_shard", real)
+    shard_file = kdir / "teacher.zarr" / "train" / "ids" / "c" / "1" / "0" / "0"
+    shard_file.write_bytes(shard_file.read_bytes()[:-1] + b"\0")  # corrupt a recorded shard
+    recomputed = []
+
+    def counting(*args, **kwargs):
+        recomputed.append(args[2:4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", counting)
+    run(cfg, tiny_teacher, tokenized, root)
+    assert recomputed == [
+        ("train", 1),
+        ("train", 2),
+        ("train", 3),
+        ("validation", 0),
+        ("validation", 1),
+    ]
+    assert tree_bytes(root / "out" / "teacher.zarr") == clean
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_is_byte_identical_to_in_process(tmp_path, tiny_teacher, tokenized):
+    cfg = small_cfg()  # sample: every shard draws from its own seeded stream
+    run(cfg, tiny_teacher, tokenized, tmp_path / "local")
+    dask_cfg = replace(cfg, dask=DaskConfig(enabled=True, n_workers=2))
+    metrics = run(dask_cfg, tiny_teacher, tokenized, tmp_path / "dask")
+    local = tree_bytes(tmp_path / "local" / "out" / "teacher.zarr")
+    assert tree_bytes(tmp_path / "dask" / "out" / "teacher.zarr") == local
+    assert metrics == json.loads((tmp_path / "local" / "metrics.json").read_text())
+
+
+# -- bad inputs --------------------------------------------------------------------------------
+
+
+def test_token_ids_outside_the_teacher_vocabulary(tmp_path, tiny_teacher, tiny_tokenizer):
+    vocab = len(tiny_tokenizer)
+    tok = write_tokenized(tmp_path / "tok", vocab, {"train": 4, "validation": 2}, high=vocab + 50)
+    with pytest.raises(InputError) as e:
+        run(small_cfg(), tiny_teacher, tok, tmp_path)
+    bad = max(int(r.max()) for r in _ids(tok))
+    assert str(e.value) == (
+        f"{tok}: split 'train' has token id {bad}, outside the teacher's vocabulary "
+        f"[0, {vocab}) ({tiny_teacher / 'provenance.json'}); the data was tokenized with another "
+        "tokenizer: re-run `dvc repro tokenize` with this teacher"
+    )
+    assert not (tmp_path / "work").exists()
+
+
+def _ids(tok: Path) -> list[np.ndarray]:
+    from pipeline.logits_shards import load_tokenized
+
+    return [s.input_ids for s in load_tokenized(tok).values()]
+
+
+@pytest.mark.parametrize("excess", [1, 10_000])
+def test_k_larger_than_the_vocabulary(tmp_path, tiny_teacher, tokenized, tiny_tokenizer, excess):
+    vocab = len(tiny_tokenizer)
+    k = vocab + excess
+    with pytest.raises(ConfigError) as e:
+        run(small_cfg(k=k), tiny_teacher, tokenized, tmp_path)
+    assert str(e.value) == (
+        f"teacher_logits.k: must be between 1 and the teacher's vocabulary size {vocab} "
+        f"({tiny_teacher / 'provenance.json'}), got {k}"
+    )
+
+
+def test_k_below_one_is_refused_by_the_params_check() -> None:
+    with pytest.raises(ConfigError) as e:
+        from_params(TeacherLogitsConfig, {"teacher_logits": {"k": 0}}, "teacher_logits")
+    assert str(e.value) == "teacher_logits.k: must be >= 1, got 0"
+
+
+def test_missing_split(tmp_path, tiny_teacher, tiny_tokenizer) -> None:
+    tok = write_tokenized(tmp_path / "tok", len(tiny_tokenizer), {"train": 4})
+    with pytest.raises(InputError) as e:
+        run(small_cfg(), tiny_teacher, tok, tmp_path)
+    assert str(e.value) == (
+        f"{tok}: split 'validation' is missing (found: train); re-run `dvc repro tokenize`"
+    )
+
+
+def test_rows_longer_than_the_teacher_context(tmp_path, tiny_teacher, tiny_tokenizer) -> None:
+    tok = write_tokenized(
+        tmp_path / "tok", len(tiny_tokenizer), {"train": 2, "validation": 1}, seq_len=300
+    )
+    with pytest.raises(InputError) as e:
+        run(small_cfg(), tiny_teacher, tok, tmp_path)
+    assert str(e.value) == (
+        f"{tok}: split 'train' has rows of 300 tokens, longer than the teacher's context (256, "
+        f"{tiny_teacher / 'provenance.json'}); re-tokenize with tokenize.seq_len <= 256"
+    )
+
+
+def test_float16_on_cpu_and_missing_cuda_are_refused(tmp_path, tiny_teacher, tokenized) -> None:
+    import torch
+
+    with pytest.raises(ConfigError) as e:
+        run(small_cfg(dtype="float16"), tiny_teacher, tokenized, tmp_path)
+    assert str(e.value) == (
+        "teacher_logits.dtype: float16 is not supported on CPU (slow or missing kernels); "
+        "use float32 or bfloat16, or run on CUDA"
+    )
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError) as e:
+            run(small_cfg(device="cuda"), tiny_teacher, tokenized, tmp_path)
+        assert str(e.value) == (
+            "teacher_logits.device: cuda requested but no CUDA device is available to torch; "
+            "use auto or cpu"
+        )
+
+
+def test_stage_script_reports_errors_and_prints_params_help(tmp_path, tiny_teacher, tokenized):
+    params = _write_params(tmp_path / "params.yaml", {"k": 0})
+    cmd = _stage_cmd(params, tiny_teacher, tokenized, tmp_path)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: teacher_logits.k: must be >= 1, got 0"
+    )
+    helped = subprocess.run(cmd[:2] + ["--help"], capture_output=True, text=True, timeout=60)
+    assert "teacher_logits.head_chunk_tokens [default: 1024]" in helped.stdout
+    assert "teacher_logits.dask.n_workers [default: 2]" in helped.stdout
+
+
+def test_repository_params_section_parses() -> None:
+    cfg = from_params(TeacherLogitsConfig, load_params(REPO / "params.yaml"), "teacher_logits")
+    assert cfg.method in ("topk", "sample") and cfg.k >= 1
