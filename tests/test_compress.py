@@ -1,0 +1,337 @@
+"""The compress stage and the compressed-model format: parity, sizes, switches, fresh-process load,
+determinism and refusals. Tiny Llama students built from configs, saved to tmp_path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.compress import CompressConfig, PruneConfig, block_linears, run_compress
+from pipeline.compressed import (
+    MANIFEST,
+    dequantize_rows,
+    load_compressed,
+    parameter_counts,
+    quantize_rows,
+)
+from pipeline.config import from_params
+from pipeline.errors import ConfigError, InputError
+
+REPO = Path(__file__).resolve().parents[1]
+V = 300
+
+
+def save_student(out: Path, tokenizer, *, tie: bool = True, hidden: int = 32, seed: int = 0):
+    """A tiny random Llama student + tokenizer in save_pretrained layout; returns the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "softlabels.json").write_text('{"source": "test"}\n')
+    return model
+
+
+def reference_model(student_dir: Path, cfg: CompressConfig):
+    """An independent reference: load the student, prune each block linear with torch's own
+    l1_unstructured, and replace weights by per-row int8 round-trips where quantized."""
+    from torch.nn.utils import prune
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    linears = [
+        m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    ]
+    with torch.no_grad():
+        for m in linears:
+            if cfg.prune.enabled and cfg.prune.amount > 0:
+                prune.l1_unstructured(m, "weight", amount=cfg.prune.amount)
+                prune.remove(m, "weight")
+            if cfg.quantize:
+                m.weight.copy_(dequantize_rows(*quantize_rows(m.weight)))
+        if cfg.quantize_embeddings:
+            emb = model.model.embed_tokens
+            emb.weight.copy_(dequantize_rows(*quantize_rows(emb.weight)))
+            if model.lm_head.weight is not emb.weight:
+                model.lm_head.weight.copy_(dequantize_rows(*quantize_rows(model.lm_head.weight)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def student_dirs(tmp_path_factory, tiny_tokenizer) -> dict[bool, Path]:
+    """{tied: folder} for a tied and an untied tiny student."""
+    root = tmp_path_factory.mktemp("students")
+    out = {}
+    for tie in (True, False):
+        out[tie] = root / f"student-tied-{tie}"
+        save_student(out[tie], tiny_tokenizer, tie=tie)
+    return out
+
+
+def _ids(n: int = 2, length: int = 12, vocab: int = V) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+def test_quantize_rows_round_trip_and_zeros():
+    torch.manual_seed(0)
+    w = torch.randn(6, 40)
+    w[1] = 0.0  # an all-zero row (fully pruned)
+    w[2, :10] = 0.0
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (6,)
+    assert int(q.abs().max()) <= 127 and scale[1] == 1.0 and (q[1] == 0).all()
+    assert (q[2, :10] == 0).all()  # pruned zeros stay exactly zero
+    err = (dequantize_rows(q, scale) - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()  # round-to-nearest: at most half a step
+    assert torch.equal(q[0].abs().max(), torch.tensor(127, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_compressed_parity_with_reference(tmp_path, student_dirs, tie):
+    cfg = CompressConfig()
+    out = tmp_path / "c"
+    metrics = run_compress(cfg, student=student_dirs[tie], out=out, metrics=tmp_path / "m.json")
+    ref = reference_model(student_dirs[tie], cfg)
+    x = _ids()
+    with torch.no_grad():
+        expected = ref(input_ids=x).logits
+        deq = load_compressed(out, kernel="dequantize")(input_ids=x).logits
+        dyn = load_compressed(out, kernel="dynamic")(input_ids=x).logits
+    torch.testing.assert_close(deq, expected, atol=1e-5, rtol=1e-5)
+    # dynamic int8 also rounds activations: close, not equal
+    assert float((dyn - expected).abs().max()) < 0.05 * float(expected.abs().max()) + 0.05
+    assert metrics["weights_bytes_after"] < metrics["weights_bytes_before"] / 3
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["head"]["tied"] is tie
+    kinds = sorted(e["kind"] for e in manifest["quantized"])
+    n_block = 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert kinds.count("linear") == n_block + (0 if tie else 1)
+    assert kinds.count("embedding") == 1
+    for name, frac in manifest["sparsity"].items():
+        assert frac == pytest.approx(0.3, abs=0.01), name
+    assert metrics["nonzero_parameters"] < metrics["parameters"]
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "softlabels.json"):
+        assert (out / f).is_file()
+    assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CompressConfig(quantize_embeddings=False),
+        CompressConfig(quantize=False),
+        CompressConfig(prune=PruneConfig(enabled=False)),
+        CompressConfig(prune=PruneConfig(amount=0.6), zstd_level=0),
+    ],
+    ids=["float-embeddings", "prune+embeddings-only", "no-prune", "prune0.6-no-zstd"],
+)
+def test_switches(tmp_path, student_dirs, cfg):
+    out = tmp_path / "c"
+    run_compress(cfg, student=student_dirs[True], out=out, metrics=tmp_path / "m.json")
+    x = _ids()
+    with torch.no_grad():
+        expected = reference_model(student_dirs[True], cfg)(input_ids=x).logits
+        got = load_compressed(out, kernel="dequantize")(input_ids=x).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    manifest = json.loads((out / MANIFEST).read_text())
+    names = {e["name"] for e in manifest["quantized"]}
+    assert ("model.embed_tokens" in names) == cfg.quantize_embeddings
+    assert ("model.layers.0.mlp.up_proj" in names) == cfg.quantize
+    assert bool(manifest["sparsity"]) == cfg.prune.enabled
+    assert manifest["weights"]["file"].endswith(".zst") == (cfg.zstd_level > 0)
+    # counts as stored: what a dequantized load holds
+    loaded = parameter_counts(load_compressed(out, kernel="dequantize"))
+    assert (manifest["parameters"], manifest["nonzero_parameters"]) == loaded
+
+
+def test_nothing_enabled_is_lossless(tmp_path, student_dirs):
+    cfg = CompressConfig(quantize=False, quantize_embeddings=False, prune=PruneConfig(False))
+    out = tmp_path / "c"
+    run_compress(cfg, student=student_dirs[False], out=out, metrics=tmp_path / "m.json")
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(student_dirs[False], dtype=torch.float32)
+    got = load_compressed(out, kernel="dynamic")
+    for key, value in src.state_dict().items():
+        assert torch.equal(got.state_dict()[key], value), key
+
+
+def test_pruning_only_touches_block_linears(tmp_path, student_dirs):
+    cfg = CompressConfig(quantize=False, quantize_embeddings=False, zstd_level=3)
+    out = tmp_path / "c"
+    run_compress(cfg, student=student_dirs[False], out=out, metrics=tmp_path / "m.json")
+    model = load_compressed(out, kernel="dequantize")
+    for name in block_linears(model, "lm_head"):
+        w = model.get_submodule(name).weight
+        assert float((w == 0).float().mean()) == pytest.approx(0.3, abs=0.01)
+    assert int((model.lm_head.weight == 0).sum()) == 0
+    assert int((model.model.embed_tokens.weight == 0).sum()) == 0
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + transformers: ~10-20 s
+def test_fresh_process_loads_and_runs_on_cpu(tmp_path, student_dirs):
+    out = tmp_path / "c"
+    run_compress(CompressConfig(), student=student_dirs[True], out=out, metrics=tmp_path / "m.json")
+    x = _ids()
+    code = (
+        "import json, sys, torch\n"
+        "from pipeline.compressed import load_compressed\n"
+        "m = load_compressed(sys.argv[1], kernel=sys.argv[2])\n"
+        "x = torch.tensor(json.loads(sys.argv[3]))\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps(m(input_ids=x).logits.tolist()))\n"
+    )
+    for kernel in ("dynamic", "dequantize"):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(out), kernel, json.dumps(x.tolist())],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"},
+        )
+        child = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+        with torch.no_grad():
+            here = load_compressed(out, kernel=kernel)(input_ids=x).logits
+        torch.testing.assert_close(child, here, atol=1e-5, rtol=1e-5)
+
+
+def test_output_bytes_are_deterministic(tmp_path, student_dirs):
+    files = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        run_compress(
+            CompressConfig(), student=student_dirs[True], out=out, metrics=tmp_path / f"{run}.json"
+        )
+        files.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert files[0] == files[1]
+
+
+def test_missing_student_is_refused(tmp_path):
+    with pytest.raises(InputError) as e:
+        run_compress(
+            CompressConfig(), student=tmp_path / "nope", out=tmp_path / "c", metrics=tmp_path / "m"
+        )
+    assert str(e.value) == (
+        f"{tmp_path / 'nope'}: no such student folder (run `dvc repro train_student`)"
+    )
+    assert not (tmp_path / "c").exists()
+
+
+def test_corrupt_weights_are_refused(tmp_path, student_dirs):
+    out = tmp_path / "c"
+    run_compress(CompressConfig(), student=student_dirs[True], out=out, metrics=tmp_path / "m.json")
+    wfile = out / "weights.safetensors.zst"
+    raw = bytearray(wfile.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    wfile.write_bytes(bytes(raw))
+    with pytest.raises(InputError) as e:
+        load_compressed(out)
+    assert str(e.value) == (
+        f"{wfile}: sha256 differs from compression.json's; the file is corrupt or from another "
+        "run (re-run the compress stage, or `dvc checkout` it)"
+    )
+
+
+def test_not_a_compressed_folder(student_dirs):
+    with pytest.raises(InputError) as e:
+        load_compressed(student_dirs[True])
+    assert str(e.value) == (
+        f"{student_dirs[True]}: no compression.json; not a compressed model folder "
+        "(run `dvc repro compress`)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"prune": {"amount": 1.0}}, "compress.prune.amount: must be in [0, 1), got 1.0"),
+        (
+            {"zstd_level": 23},
+            "compress.zstd_level: must be in [0, 22] (0: no entropy coding), got 23",
+        ),
+        ({"quantise": True}, None),
+    ],
+)
+def test_config_errors(section, message):
+    with pytest.raises(ConfigError) as e:
+        from_params(CompressConfig, {"compress": section}, "compress")
+    if message:
+        assert str(e.value) == message
+    else:
+        assert "did you mean 'compress.quantize'?" in str(e.value)
+
+
+def test_params_yaml_section_and_help():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert from_params(CompressConfig, params, "compress") == CompressConfig()
+    proc = subprocess.run(
+        [sys.executable, "stages/compress.py", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "compress.prune.amount [default: 0.3]" in proc.stdout
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + transformers: ~10-15 s
+def test_stage_script(tmp_path, student_dirs):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"compress": {"prune": {"amount": 0.5}}}))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "stages/compress.py",
+            "--params",
+            str(params),
+            "--student",
+            str(student_dirs[True]),
+            "--out",
+            str(tmp_path / "c"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["block_sparsity"] == pytest.approx(0.5, abs=0.01)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "stages/compress.py",
+            "--params",
+            str(params),
+            "--student",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "c2"),
+            "--metrics",
+            str(tmp_path / "m2.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'missing'}: no such student folder (run `dvc repro train_student`)"
+    )
