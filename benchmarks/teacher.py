@@ -29,19 +29,19 @@ import sys
 if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from pipeline.config import from_params, load_params  # noqa: E402
-from pipeline.teacher_logits import TeacherLogitsConfig, run_teacher_logits  # noqa: E402
+from pipeline.config import from_params, load_params
+from pipeline.teacher_logits import TeacherLogitsConfig, run_teacher_logits
 
 
 def default_teacher(params: dict, scratch: Path) -> Path:

@@ -99,6 +99,29 @@ def from_params(cls: type[C], params: dict[str, Any], section: str) -> C:
     return from_mapping(cls, node, section)
 
 
+def with_overrides(params: dict[str, Any], section: str, overrides: str) -> dict[str, Any]:
+    """`params[section]` updated with the keys of `params[overrides]` (dotted path).
+
+    Lets one stage run several variants that differ in a few keys (a DVC `foreach` over
+    `students: {kd: {alpha: 1.0}, ce: {alpha: 0.0}}`): each variant then depends on the shared
+    section plus its own entry, and an override key the section does not have is an error
+    naming the override's own path.
+    """
+    node: Any = params
+    for part in overrides.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"params.yaml: section '{overrides}' is missing")
+        node = node[part]
+    node = node or {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"{overrides}: must be a mapping of {section} keys")
+    base = params.get(section) or {}
+    for key in node:
+        if key not in base:
+            raise ConfigError(f"{overrides}.{key}: not a key of section '{section}'")
+    return {**params, section: {**base, **node}}
+
+
 def from_mapping(cls: type[C], values: Any, section: str) -> C:
     """Build `cls` from a mapping; `section` prefixes every key named in an error."""
     if values is None:

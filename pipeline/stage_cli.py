@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.config import describe, from_params, load_params
+from pipeline.config import describe, from_params, load_params, with_overrides
 from pipeline.errors import SoftlabelsError
 
 C = TypeVar("C")
@@ -38,9 +38,13 @@ def stage_parser(doc: str | None, sections: list[tuple[type, str]]) -> argparse.
     return parser
 
 
-def load_section(params_path: Path, cls: type[C], section: str) -> C:
-    """One typed config from the params file (errors name the file or `section.key`)."""
-    return from_params(cls, load_params(params_path), section)
+def load_section(params_path: Path, cls: type[C], section: str, overrides: str | None = None) -> C:
+    """One typed config from the params file (errors name the file or `section.key`); with
+    `overrides`, the keys of that section replace the section's own (see `with_overrides`)."""
+    params = load_params(params_path)
+    if overrides is not None:
+        params = with_overrides(params, section, overrides)
+    return from_params(cls, params, section)
 
 
 def run_stage(work: Callable[[], Any]) -> int:

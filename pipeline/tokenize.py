@@ -43,7 +43,7 @@ from pipeline.provenance import ids_fingerprint, write_json
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
-ENCODE_BATCH = 1000
+ENCODE_BATCH = 4096
 """Documents per tokenizer call inside `datasets.map`."""
 
 

@@ -19,10 +19,10 @@ import sys
 if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-from pipeline.stage_cli import load_section, run_stage, stage_parser  # noqa: E402
-from pipeline.teacher_logits import TeacherLogitsConfig, run_teacher_logits  # noqa: E402
+from pipeline.stage_cli import load_section, run_stage, stage_parser
+from pipeline.teacher_logits import TeacherLogitsConfig, run_teacher_logits
 
 
 def main(argv: list[str] | None = None) -> int:

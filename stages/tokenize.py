@@ -17,11 +17,11 @@ import sys
 if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-from pipeline.corpus import CorpusConfig  # noqa: E402
-from pipeline.stage_cli import load_section, run_stage, stage_parser  # noqa: E402
-from pipeline.tokenize import TokenizeConfig, run_tokenize  # noqa: E402
+from pipeline.corpus import CorpusConfig
+from pipeline.stage_cli import load_section, run_stage, stage_parser
+from pipeline.tokenize import TokenizeConfig, run_tokenize
 
 
 def main(argv: list[str] | None = None) -> int:

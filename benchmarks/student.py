@@ -1,0 +1,110 @@
+"""Benchmark: student training throughput with stored soft labels vs the teacher live, and the
+streaming loader vs the same batches held in memory, side by side in one run.
+
+All sides train the default student (params.yaml `train_student`) on the pipeline's outputs
+(`models/teacher`, `data/tokenized`, `data/logits/teacher.zarr`: run `dvc repro` first):
+
+- offline: soft labels streamed from the store (`teacher: store`), the default stage's step;
+- online: the same step with the teacher run on every batch (`teacher: live`), full vocabulary;
+- memory: the offline step fed from a list of the same batches, read before timing.
+
+Each side runs `--rounds` times, alternating, `--steps` timed steps after one untimed step
+(startup: the first window read, the first kernel calls); the median round counts, so a
+neighbour's burst on a shared machine hits one round, not the result. Tokens are input tokens
+(batch x seq_len) per second of wall time, data waiting included.
+
+Last line: {"bench": "student", "offline_tokens_per_s": ..., "online_tokens_per_s": ...,
+"speedup": ..., "loader_ratio": ...} where loader_ratio = offline streaming / from memory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as `python benchmarks/student.py`, this folder is sys.path[0] and benchmarks/tokenize.py
+# would shadow the standard library's `tokenize` module. Drop it.
+if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from pipeline.config import from_params, load_params  # noqa: E402
+from pipeline.train_student import Setup, TrainStudentConfig, prepare  # noqa: E402
+
+
+def timed(setup: Setup, batches: Iterable, steps: int) -> float:
+    """Tokens per second of `steps` training steps fed from `batches` (after one untimed)."""
+    it = iter(batches)
+    setup.trainer.step(next(it))
+    tokens = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        batch = next(it)
+        setup.trainer.step(batch)
+        tokens += batch["input_ids"].numel()
+    return tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--teacher", type=Path, default=Path("models/teacher"))
+    parser.add_argument("--tokenized", type=Path, default=Path("data/tokenized"))
+    parser.add_argument("--logits", type=Path, default=Path("data/logits/teacher.zarr"))
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per round and side")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    cfg = from_params(TrainStudentConfig, load_params(args.params), "train_student")
+    common = dict(tokenized=args.tokenized, tokenizer=args.teacher)
+    offline = prepare(cfg, logits=args.logits, **common)
+    block = offline.stream_args["block_rows"]
+    online = prepare(
+        dataclasses.replace(cfg, teacher="live"),
+        logits=None,
+        teacher=args.teacher,
+        block_rows=block,
+        **common,
+    )
+    memory = prepare(cfg, logits=args.logits, **common)
+    rates: dict[str, list[float]] = {"offline": [], "online": [], "memory": []}
+    n = args.steps + 1
+    for r in range(args.rounds):
+        start = r * n
+        rates["offline"].append(timed(offline, offline.loader(start), args.steps))
+        rates["online"].append(timed(online, online.loader(start), args.steps))
+        it = iter(memory.loader(start))
+        held = [next(it) for _ in range(n)]  # the same batches, read before timing
+        del it
+        rates["memory"].append(timed(memory, held, args.steps))
+        print(
+            f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in rates.items()),
+            file=sys.stderr,
+        )
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(
+        json.dumps(
+            {
+                "bench": "student",
+                "offline_tokens_per_s": round(med["offline"], 1),
+                "online_tokens_per_s": round(med["online"], 1),
+                "speedup": round(med["offline"] / med["online"], 3),
+                "loader_ratio": round(med["offline"] / med["memory"], 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""DVC stage `train_student`: logits store + tokenized data -> models/student/ (save_pretrained).
+
+Streams token ids and stored soft labels (never loading the teacher), trains a student with the
+KD loss chosen in params (tail handling, temperature, mixing with hard-label CE), logs curves
+with dvclive, checkpoints outside the DVC output so a killed run resumes, and writes the student
+with the teacher's tokenizer and softlabels.json (the store it learned from). With
+`train_student.teacher: live` it is the online baseline instead (needs --teacher).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as `python stages/train_student.py`, this folder is sys.path[0], and its tokenize.py would
+# shadow the standard library's `tokenize` module (imported by `logging`, `inspect`, ...).
+if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
+from pathlib import Path  # noqa: E402
+
+from pipeline.stage_cli import load_section, run_stage, stage_parser  # noqa: E402
+from pipeline.train_student import TrainStudentConfig, run_train_student  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__, [(TrainStudentConfig, "train_student")])
+    parser.add_argument("--tokenized", type=Path, required=True, help="tokenized DatasetDict")
+    parser.add_argument("--logits", type=Path, help="logits store (Zarr); needed unless live")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        required=True,
+        help="folder holding the teacher's tokenizer (only tokenizer files are read)",
+    )
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        help="teacher folder: only for teacher: live or init: teacher_layers",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output student folder")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON")
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        required=True,
+        help="work folder for resumable checkpoints (outside the DVC output)",
+    )
+    parser.add_argument(
+        "--live-dir", type=Path, default=Path("dvclive/train_student"), help="dvclive folder"
+    )
+    parser.add_argument(
+        "--student",
+        help="train the student NAME: params section `students.NAME` overrides keys of "
+        "`train_student` (dvc.yaml's foreach trains `kd` and `ce` this way)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    return run_stage(
+        lambda: run_train_student(
+            load_section(
+                args.params,
+                TrainStudentConfig,
+                "train_student",
+                overrides=f"students.{args.student}" if args.student else None,
+            ),
+            tokenized=args.tokenized,
+            logits=args.logits,
+            tokenizer=args.tokenizer,
+            teacher=args.teacher,
+            out=args.out,
+            metrics=args.metrics,
+            checkpoints=args.checkpoints,
+            live_dir=args.live_dir,
+            progress=not args.no_progress,
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

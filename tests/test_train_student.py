@@ -1,0 +1,287 @@
+"""The train_student stage: a few-step smoke run per teacher source, resume after SIGKILL with
+identical weights, layer init, and refusals of bad input with their exact messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.config import from_params
+from pipeline.errors import ConfigError, StoreError
+from pipeline.train_student import TrainStudentConfig, prepare, run_train_student
+from tests.conftest import REPO, make_teacher
+from tests.store_fixtures import V, build_store, make_attrs, make_data, make_tokenized
+from tests.store_fixtures import make_tokenizer as make_wordlevel
+
+TINY = dict(
+    num_layers=1,
+    hidden_size=16,
+    num_heads=2,
+    intermediate_size=32,
+    steps=6,
+    batch_size=4,
+    warmup_steps=1,
+    eval_every=3,
+    eval_sequences=2,
+    checkpoint_every=2,
+    log_every=2,
+)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tokenizer, a tokenized dataset, a top-k and a sample store of it, and a tiny teacher."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("train-student")
+    identity = make_wordlevel(root / "tok")
+    data = {m: make_data(m) for m in ("topk", "sample")}
+    assert (data["topk"]["train"][0] == data["sample"]["train"][0]).all()  # same token ids
+    make_tokenized(root / "tokenized", data["topk"])
+    for method, d in data.items():
+        build_store(
+            root / f"{method}.zarr", d, attrs=make_attrs(d, identity, method), method=method
+        )
+    make_teacher(root / "teacher", AutoTokenizer.from_pretrained(root / "tok"), hidden=32)
+    return root
+
+
+def paths(env: Path, tmp: Path, store: str = "sample") -> dict:
+    return dict(
+        tokenized=env / "tokenized",
+        logits=env / f"{store}.zarr",
+        tokenizer=env / "tok",
+        out=tmp / "student",
+        metrics=tmp / "metrics.json",
+        checkpoints=tmp / "work",
+        live_dir=tmp / "dvclive",
+    )
+
+
+@pytest.mark.parametrize(
+    "store,kw",
+    [("sample", {}), ("topk", {"tail": "renorm", "alpha": 0.5, "loss": "reverse_kl"})],
+)
+def test_smoke_run_writes_a_loadable_student_and_curves(env, tmp_path, store, kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = paths(env, tmp_path, store)
+    result = run_train_student(TrainStudentConfig(**TINY, **kw), **p, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(p["out"])
+    tok = AutoTokenizer.from_pretrained(p["out"])
+    assert model.config.vocab_size == V and len(tok) == V
+    record = json.loads((p["out"] / "softlabels.json").read_text())
+    assert record["source"] == "store" and record["method"] == store and record["k"] == 4
+    assert record["teacher"] == {"name": "tiny-teacher", "revision": "main", "sha256": "a" * 64}
+    assert record["dataset"]["splits"]["train"]["fingerprint"]
+    assert json.loads(p["metrics"].read_text()) == result
+    assert result["steps"] == 6 and result["train_tokens"] == 6 * 4 * 8
+    assert 1.0 < result["validation_perplexity"] < 10 * V
+    loss_rows = (p["live_dir"] / "plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in loss_rows[1:]] == ["2", "4", "6"]
+    assert (p["live_dir"] / "plots/metrics/val/perplexity.tsv").is_file()
+    assert not p["checkpoints"].exists()  # a finished run leaves no work files
+
+
+def test_live_teacher_baseline_runs_the_same_loop(env, tmp_path):
+    p = paths(env, tmp_path)
+    p["logits"] = None
+    cfg = TrainStudentConfig(**{**TINY, "steps": 3, "teacher": "live", "temperature": 2.0})
+    result = run_train_student(cfg, **p, teacher=env / "teacher", progress=False)
+    record = json.loads((p["out"] / "softlabels.json").read_text())
+    assert record["source"] == "live" and record["teacher"]["name"] == "tiny-test-teacher"
+    assert result["final"]["kd"] > 0
+
+
+def test_stored_and_live_runs_see_the_same_batches(env, tmp_path):
+    stored = prepare(TrainStudentConfig(**TINY), **_prep(env, "sample"))
+    live = prepare(
+        TrainStudentConfig(**TINY, teacher="live"),
+        **{**_prep(env, "sample"), "logits": None},
+        teacher=env / "teacher",
+        block_rows=2,
+    )
+    a, b = iter(stored.stream()), iter(live.stream())
+    for _ in range(4):
+        assert torch.equal(next(a)["input_ids"], next(b)["input_ids"])
+
+
+def _prep(env: Path, store: str) -> dict:
+    return dict(tokenized=env / "tokenized", logits=env / f"{store}.zarr", tokenizer=env / "tok")
+
+
+def test_teacher_layers_init_copies_embeddings_and_layers(env):
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainStudentConfig(
+        **{**TINY, "hidden_size": 32, "intermediate_size": 64, "tie_embeddings": False},
+        init="teacher_layers",
+    )
+    setup = prepare(cfg, **_prep(env, "sample"), teacher=env / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(env / "teacher")
+    student = setup.trainer.model
+    for (name, a), b in zip(
+        student.state_dict().items(), teacher.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert setup.record["init_layers"] == [0]
+
+
+def test_teacher_layers_with_other_widths_is_refused(env):
+    cfg = TrainStudentConfig(**TINY, init="teacher_layers")
+    with pytest.raises(ConfigError) as e:
+        prepare(cfg, **_prep(env, "sample"), teacher=env / "teacher")
+    assert str(e.value) == (
+        "train_student.init: teacher_layers needs the teacher's widths, but hidden_size 16 vs "
+        "the teacher's 32, intermediate_size 32 vs the teacher's 64; set the student's sizes "
+        "to the teacher's or use init: random"
+    )
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"loss": "js"}, "train_student.loss: must be one of 'kl', 'reverse_kl', got 'js'"),
+        (
+            {"tail": "drop"},
+            "train_student.tail: must be one of 'renorm', 'bucket', 'ignore', got 'drop'",
+        ),
+        ({"alpha": 1.5}, "train_student.alpha: must be in [0, 1], got 1.5"),
+        ({"alpha": -0.1}, "train_student.alpha: must be in [0, 1], got -0.1"),
+        ({"temperature": 0}, "train_student.temperature: must be > 0, got 0.0"),
+        ({"temperature": -1.0}, "train_student.temperature: must be > 0, got -1.0"),
+    ],
+)
+def test_bad_params_are_refused(override, message):
+    with pytest.raises(ConfigError) as e:
+        from_params(TrainStudentConfig, {"train_student": override}, "train_student")
+    assert str(e.value) == message
+
+
+def refused(env, tmp_path, cfg, error=ConfigError, **kw) -> str:
+    p = {**paths(env, tmp_path), **kw}
+    with pytest.raises(error) as e:
+        run_train_student(cfg, **p, progress=False)
+    assert not p["out"].exists() and not p["checkpoints"].exists()  # refused before any work
+    assert not p["live_dir"].exists()
+    return str(e.value)
+
+
+def test_missing_store_is_refused(env, tmp_path):
+    missing = tmp_path / "none.zarr"
+    assert refused(env, tmp_path, TrainStudentConfig(**TINY), StoreError, logits=missing) == (
+        f"{missing}: no such logits store (run `dvc repro teacher_logits`, or `dvc pull` it)"
+    )
+
+
+def test_student_vocab_unlike_the_store_is_refused(env, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other-student"
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(other)
+    cfg = TrainStudentConfig(**TINY, model=str(other))
+    assert refused(env, tmp_path, cfg, StoreError) == (
+        f"{env / 'sample.zarr'}: refusing to train from this logits store:\n"
+        f"  - teacher.vocab_size differs: store {V} vs yours 64; the stored ids index the "
+        "teacher's vocabulary — use a student with the teacher's vocabulary size or re-run "
+        "teacher_logits with a matching teacher"
+    )
+
+
+def test_reverse_kl_on_a_sample_store_is_refused(env, tmp_path):
+    cfg = TrainStudentConfig(**TINY, loss="reverse_kl")
+    assert refused(env, tmp_path, cfg) == (
+        "train_student.loss: reverse_kl needs the teacher's probability wherever the student "
+        f"puts mass, but {env / 'sample.zarr'} is a 'sample' store (draws only); use loss: kl, "
+        "or a topk store"
+    )
+
+
+def test_live_without_a_teacher_is_refused(env, tmp_path):
+    cfg = TrainStudentConfig(**TINY, teacher="live")
+    assert refused(env, tmp_path, cfg) == (
+        "train_student.teacher: live runs the teacher's weights; pass --teacher <teacher "
+        "folder> (and list that folder in the stage's deps in dvc.yaml)"
+    )
+
+
+def test_stage_script_prints_the_error_and_exits_1(env, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train_student": {"alpha": 2}}))
+    p = paths(env, tmp_path)
+    argv = [sys.executable, str(REPO / "stages/train_student.py"), "--params", str(params)]
+    for flag in ("tokenized", "logits", "tokenizer", "out", "metrics", "checkpoints"):
+        argv += [f"--{flag}", str(p[flag])]
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: train_student.alpha: must be in [0, 1], got 2.0"
+    )
+
+
+def _stage(env: Path, tmp: Path, params: Path, name: str) -> list[str]:
+    p = paths(env, tmp)
+    argv = [sys.executable, str(REPO / "stages/train_student.py"), "--params", str(params)]
+    for flag in ("tokenized", "logits", "tokenizer"):
+        argv += [f"--{flag}", str(p[flag])]
+    argv += ["--out", str(tmp / name), "--metrics", str(tmp / f"{name}.json")]
+    argv += ["--checkpoints", str(tmp / "work"), "--live-dir", str(tmp / f"live-{name}")]
+    return argv + ["--no-progress"]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_identical_weights(env, tmp_path):
+    from safetensors.torch import load_file
+
+    params = tmp_path / "params.yaml"
+    section = {**TINY, "steps": 100, "checkpoint_every": 10, "eval_every": 0, "log_every": 10}
+    params.write_text(yaml.safe_dump({"train_student": section}))
+    envvars = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(_stage(env, tmp_path, params, "ref"), env=envvars, capture_output=True)
+    assert ref.returncode == 0, ref.stderr.decode()[-2000:]
+    # Kill -9 as soon as a checkpoint exists, then run the same command again.
+    proc = subprocess.Popen(
+        _stage(env, tmp_path, params, "student"),
+        env=envvars,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "work").glob("*/latest.pt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (tmp_path / "student").exists()
+    again = subprocess.run(
+        _stage(env, tmp_path, params, "student"), env=envvars, capture_output=True
+    )
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    metrics = json.loads((tmp_path / "student.json").read_text())
+    assert metrics["resumed_from_step"] > 0
+    a = load_file(tmp_path / "ref" / "model.safetensors")
+    b = load_file(tmp_path / "student" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows = (tmp_path / "live-student/plots/metrics/train/loss.tsv").read_text().splitlines()
+    steps = [int(r.split("\t")[0]) for r in rows[1:]]
+    assert steps == list(range(10, 101, 10))  # curves continue without duplicates
