@@ -30,13 +30,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import (
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    get_cosine_schedule_with_warmup,
 )
 
+from pipeline.llama import llama_config
+from pipeline.optim import adamw_with_schedule
 from pipeline.packing import pack_documents
 
 EOS_TOKEN = "<|endoftext|>"
@@ -109,21 +109,17 @@ def build_model(
     seed: int,
 ) -> LlamaForCausalLM:
     """A freshly initialised `LlamaForCausalLM` (float32), the same weights for the same seed."""
-    config = LlamaConfig(
+    config = llama_config(
         vocab_size=vocab_size,
+        num_layers=num_layers,
         hidden_size=hidden_size,
+        num_heads=num_heads,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        tie_embeddings=tie_embeddings,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_embeddings,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        use_cache=True,
+        eos_id=eos_id,
+        pad_id=pad_id,
     )
-    config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).float()
 
@@ -176,17 +172,13 @@ def train_model(
     device = next(model.parameters()).device
     data = torch.from_numpy(np.asarray(rows, dtype=np.int64))  # (N, L)
     order = batch_schedule(len(data), batch_size=batch_size, steps=steps, seed=seed)  # (S, B)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=learning_rate,
-        betas=(0.9, 0.95),
+    optimizer, scheduler = adamw_with_schedule(
+        model,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        steps=steps,
     )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
     model.train()
     losses: list[float] = []
     start = time.perf_counter()

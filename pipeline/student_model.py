@@ -32,36 +32,6 @@ SCRATCH = "scratch"
 _WIDTHS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
 
-def scratch_config(
-    *,
-    vocab_size: int,
-    num_layers: int,
-    hidden_size: int,
-    num_heads: int,
-    intermediate_size: int,
-    tie_embeddings: bool,
-    max_position_embeddings: int,
-    eos_id: int | None,
-    pad_id: int | None,
-) -> LlamaConfig:
-    """The LlamaConfig of a scratch student (float32, full multi-head attention)."""
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_embeddings,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    return config
-
-
 def pretrained_vocab(model: str, revision: str) -> int:
     """Vocabulary size of an existing model from its config alone (no weights are read)."""
     try:

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.losses import distillation_loss
+from pipeline.optim import adamw_with_schedule
 
 
 @dataclass(frozen=True)
@@ -67,17 +67,13 @@ class StudentTrainer:
     ) -> None:
         self.model, self.settings, self.device = model, settings, device
         self.teacher, self.grad_clip = teacher, grad_clip
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=learning_rate,
-            betas=(0.9, 0.95),
+        self.optimizer, self.scheduler = adamw_with_schedule(
+            model,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            steps=steps,
         )
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup_steps, steps)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA; nothing on CPU (bf16 matmuls there are slow and inexact)."""

@@ -29,6 +29,7 @@ from pipeline.atomic import atomic_dir
 from pipeline.config import require
 from pipeline.corpus import CorpusConfig, Documents, read_corpus
 from pipeline.errors import InputError
+from pipeline.optim import check_optimizer_params
 from pipeline.provenance import PROVENANCE_FILE, files_sha256, tokenizer_identity, write_json
 
 log = logging.getLogger(__name__)
@@ -114,21 +115,15 @@ class TeacherConfig:
             f"{s}.max_position_embeddings",
             f"must be >= teacher.seq_len ({self.seq_len}), got {self.max_position_embeddings}",
         )
-        require(self.batch_size >= 1, f"{s}.batch_size", f"must be >= 1, got {self.batch_size}")
-        require(
-            0.0 < self.learning_rate < 1.0,
-            f"{s}.learning_rate",
-            f"must be in (0, 1), got {self.learning_rate}",
+        check_optimizer_params(
+            s,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
         )
-        require(
-            0 <= self.warmup_steps < self.steps,
-            f"{s}.warmup_steps",
-            f"must be >= 0 and < teacher.steps ({self.steps}), got {self.warmup_steps}",
-        )
-        require(
-            self.weight_decay >= 0, f"{s}.weight_decay", f"must be >= 0, got {self.weight_decay}"
-        )
-        require(self.grad_clip > 0, f"{s}.grad_clip", f"must be > 0, got {self.grad_clip}")
 
     @property
     def is_builtin(self) -> bool:

@@ -38,6 +38,8 @@ from pipeline import student_model as sm
 from pipeline.atomic import atomic_dir
 from pipeline.config import require, to_dict
 from pipeline.errors import ConfigError, InputError
+from pipeline.llama import llama_config
+from pipeline.optim import check_optimizer_params
 from pipeline.provenance import ids_fingerprint, read_provenance, tokenizer_identity, write_json
 from pipeline.student_data import SoftLabelStream, check_store, load_token_rows
 from pipeline.student_trainer import LossSettings, StudentTrainer
@@ -141,21 +143,15 @@ class TrainStudentConfig:
         )
         require(self.temperature > 0, f"{s}.temperature", f"must be > 0, got {self.temperature}")
         require(0.0 <= self.alpha <= 1.0, f"{s}.alpha", f"must be in [0, 1], got {self.alpha}")
-        require(self.batch_size >= 1, f"{s}.batch_size", f"must be >= 1, got {self.batch_size}")
-        require(
-            0.0 < self.learning_rate < 1.0,
-            f"{s}.learning_rate",
-            f"must be in (0, 1), got {self.learning_rate}",
+        check_optimizer_params(
+            s,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
         )
-        require(
-            0 <= self.warmup_steps < self.steps,
-            f"{s}.warmup_steps",
-            f"must be >= 0 and < train_student.steps ({self.steps}), got {self.warmup_steps}",
-        )
-        require(
-            self.weight_decay >= 0, f"{s}.weight_decay", f"must be >= 0, got {self.weight_decay}"
-        )
-        require(self.grad_clip > 0, f"{s}.grad_clip", f"must be > 0, got {self.grad_clip}")
         require(
             self.buffer_chunks >= 1, f"{s}.buffer_chunks", f"must be >= 1, got {self.buffer_chunks}"
         )
@@ -325,7 +321,7 @@ def prepare(
         # The tokenizer's model_max_length is the teacher's context (a huge sentinel if unset).
         limit = int(getattr(tok, "model_max_length", 0) or 0)
         context = max(seq_len, limit) if limit < 10**6 else seq_len
-        config = sm.scratch_config(
+        config = llama_config(
             vocab_size=vocab,
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
