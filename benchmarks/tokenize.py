@@ -55,7 +55,9 @@ def teacher_dir(params: dict, corpus: CorpusConfig, scratch: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -68,7 +70,12 @@ def main() -> None:
         teacher = teacher_dir(params, corpus, scratch)
         tokenizer = load_tokenizer(teacher)
         docs = read_corpus(corpus)
-        texts = [d for split in (docs.train, docs.validation) for lang in corpus.languages for d in split[lang]]
+        texts = [
+            d
+            for split in (docs.train, docs.validation)
+            for lang in corpus.languages
+            for d in split[lang]
+        ]
 
         raw_times, stage_times, n_tokens = [], [], 0
         for i in range(args.repeats):
@@ -78,14 +85,29 @@ def main() -> None:
             n_tokens = sum(len(x) for x in ids)
 
             t0 = time.perf_counter()
-            run_tokenize(cfg, corpus, teacher=teacher, out=scratch / f"out{i}", metrics=scratch / f"m{i}.json")
+            run_tokenize(
+                cfg,
+                corpus,
+                teacher=teacher,
+                out=scratch / f"out{i}",
+                metrics=scratch / f"m{i}.json",
+            )
             stage_times.append(time.perf_counter() - t0)
             print(f"repeat {i}: raw {raw_times[-1]:.2f}s, stage {stage_times[-1]:.2f}s", flush=True)
 
     raw = n_tokens / min(raw_times)
     stage = n_tokens / min(stage_times)
     print(f"{len(texts)} documents, {n_tokens} tokens, num_proc=1")
-    print(json.dumps({"bench": "tokenize", "stage_tokens_per_s": round(stage), "raw_tokens_per_s": round(raw), "ratio": round(stage / raw, 3)}))
+    print(
+        json.dumps(
+            {
+                "bench": "tokenize",
+                "stage_tokens_per_s": round(stage),
+                "raw_tokens_per_s": round(raw),
+                "ratio": round(stage / raw, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

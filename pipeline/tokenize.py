@@ -109,7 +109,10 @@ def encode_documents(
         bounds.append(len(texts))
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        return {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
+        # verbose=False: documents longer than the model context are expected here (packing cuts
+        # them into rows), so the tokenizer's "sequence length is longer" warning is noise.
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"ids": ids}
 
     was_enabled = datasets.is_progress_bar_enabled()
     with tempfile.TemporaryDirectory(prefix="softlabels-tok-") as tmp:
