@@ -62,8 +62,9 @@ class TeacherConfig:
     symbols and EOS and PAD). Smaller makes the output head cheaper and its statistics denser."""
     hidden_size: int = 256
     """(builtin) Model width."""
-    num_layers: int = 4
-    """(builtin) Number of transformer blocks."""
+    num_layers: int = 1
+    """(builtin) Number of transformer blocks. At a few minutes of CPU, tokens seen matter more
+    than depth (one layer beat two, three and four at equal time); add layers with steps."""
     num_heads: int = 4
     """(builtin) Attention heads; must divide hidden_size into an even head size."""
     intermediate_size: int = 688
@@ -77,11 +78,11 @@ class TeacherConfig:
     """Tokens per packed row, for training (builtin) and for the perplexity evaluation."""
     batch_size: int = 32
     """Rows per step (builtin training) and per forward pass (evaluation)."""
-    steps: int = 400
+    steps: int = 900
     """(builtin) Optimizer steps: the training budget. More steps make a better teacher."""
     learning_rate: float = 0.003
     """(builtin) Peak AdamW learning rate, reached after warmup, then cosine decay to zero."""
-    warmup_steps: int = 40
+    warmup_steps: int = 90
     """(builtin) Steps of linear learning-rate warmup."""
     weight_decay: float = 0.1
     """(builtin) AdamW weight decay on weight matrices (not on norms)."""
@@ -89,6 +90,10 @@ class TeacherConfig:
     """(builtin) Clip the global gradient norm to this value."""
     seed: int = 0
     """(builtin) Seed of weight init and data order; the same seed gives the same teacher."""
+    threads: int = 0
+    """CPU threads for training and evaluation; 0 keeps torch's default (all cores). On cores
+    shared with other jobs, 1 thread can be several times faster than threads that wait for
+    each other. The same seed and thread count give the same weights."""
 
     def __post_init__(self) -> None:
         s = "teacher"
@@ -124,6 +129,9 @@ class TeacherConfig:
             weight_decay=self.weight_decay,
             grad_clip=self.grad_clip,
         )
+        require(
+            self.threads >= 0, f"{s}.threads", f"must be >= 0 (0: all cores), got {self.threads}"
+        )
 
     @property
     def is_builtin(self) -> bool:
@@ -140,25 +148,30 @@ def prepare_teacher(
     unusable model or tokenizer, InputError for a corpus too small to fill one row.
     """
     docs = read_corpus(corpus)
-    if cfg.is_builtin:
-        model, tokenizer, train_rows, stats = _train_builtin(cfg, docs)
-        revision = None
-    else:
-        model, tokenizer, revision = load_pretrained(cfg)
-        train_rows = None
-        stats = None
-    if cfg.dtype != "auto":
-        model = model.to(DTYPES[cfg.dtype])
-
-    record: dict[str, Any] = {
-        "name": cfg.model,
-        "steps": stats.steps if stats else 0,
-        "train_tokens_seen": stats.tokens if stats else 0,
-        "train_seconds": round(stats.seconds, 2) if stats else 0.0,
-        "train_final_loss": stats.final_loss if stats else None,
-    }
-    if cfg.evaluate:
-        record.update(_evaluate(cfg, model, tokenizer, docs, train_rows))
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        if cfg.is_builtin:
+            model, tokenizer, train_rows, stats = _train_builtin(cfg, docs)
+            revision = None
+        else:
+            model, tokenizer, revision = load_pretrained(cfg)
+            train_rows = None
+            stats = None
+        if cfg.dtype != "auto":
+            model = model.to(DTYPES[cfg.dtype])
+        record: dict[str, Any] = {
+            "name": cfg.model,
+            "steps": stats.steps if stats else 0,
+            "train_tokens_seen": stats.tokens if stats else 0,
+            "train_seconds": round(stats.seconds, 2) if stats else 0.0,
+            "train_final_loss": stats.final_loss if stats else None,
+        }
+        if cfg.evaluate:
+            record.update(_evaluate(cfg, model, tokenizer, docs, train_rows))
+    finally:
+        torch.set_num_threads(threads_before)
 
     out = Path(out)
     with atomic_dir(out) as tmp:

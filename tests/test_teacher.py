@@ -242,6 +242,7 @@ def test_unknown_key_is_named():
         ),
         ({"learning_rate": 0.0}, "teacher.learning_rate: must be in (0, 1), got 0.0"),
         ({"grad_clip": 0.0}, "teacher.grad_clip: must be > 0, got 0.0"),
+        ({"threads": -1}, "teacher.threads: must be >= 0 (0: all cores), got -1"),
     ],
 )
 def test_bad_values_are_named(changes, message):
