@@ -38,6 +38,7 @@ import logging  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.config import from_params, load_params  # noqa: E402
 from pipeline.store import read_attrs  # noqa: E402
 from pipeline.teacher_logits import TeacherLogitsConfig, run_teacher_logits  # noqa: E402
@@ -85,6 +86,7 @@ def perplexity(cfg: TrainStudentConfig, args: argparse.Namespace, **kw) -> float
 
 
 def main() -> None:
+    keep_freed_memory()  # as the stage scripts do (see pipeline/allocator.py)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

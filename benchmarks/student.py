@@ -8,9 +8,12 @@ All sides train the default student (params.yaml `train_student`) on the pipelin
 - online: the same step with the teacher run on every batch (`teacher: live`), full vocabulary;
 - memory: the offline step fed from a list of the same batches, read before timing.
 
-Each side runs `--rounds` times, alternating, `--steps` timed steps after one untimed step
-(startup: the first window read, the first kernel calls); the median round counts, so a
-neighbour's burst on a shared machine hits one round, not the result. Tokens are input tokens
+Each side runs `--rounds` times, alternating, `--steps` timed steps after untimed warm-up steps:
+one for every side (the first kernel calls), and for the two streaming sides as many more as
+the loader needs to fill its read-ahead (`prefetch` windows of `buffer_chunks` chunks), so the
+timed steps see the steady state a long training run lives in, where one window is read per
+window's worth of steps, not the start-up burst. The median round counts, so a neighbour's
+burst on a shared machine hits one round, not the result. Tokens are input tokens
 (batch x seq_len) per second of wall time, data waiting included.
 
 Last line: {"bench": "student", "offline_tokens_per_s": ..., "online_tokens_per_s": ...,
@@ -36,14 +39,16 @@ import time  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.config import from_params, load_params  # noqa: E402
 from pipeline.train_student import Setup, TrainStudentConfig, prepare  # noqa: E402
 
 
-def timed(setup: Setup, batches: Iterable, steps: int) -> float:
-    """Tokens per second of `steps` training steps fed from `batches` (after one untimed)."""
+def timed(setup: Setup, batches: Iterable, steps: int, warmup: int = 1) -> float:
+    """Tokens per second of `steps` training steps fed from `batches`, after `warmup` untimed."""
     it = iter(batches)
-    setup.trainer.step(next(it))
+    for _ in range(warmup):
+        setup.trainer.step(next(it))
     tokens = 0
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -54,6 +59,7 @@ def timed(setup: Setup, batches: Iterable, steps: int) -> float:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the stage scripts do (see pipeline/allocator.py)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -61,7 +67,7 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=Path("models/teacher"))
     parser.add_argument("--tokenized", type=Path, default=Path("data/tokenized"))
     parser.add_argument("--logits", type=Path, default=Path("data/logits/teacher.zarr"))
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per round and side")
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per round and side")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -78,14 +84,17 @@ def main() -> None:
         **common,
     )
     memory = prepare(cfg, logits=args.logits, **common)
+    # Steps until the read-ahead is full: `prefetch` windows of `buffer_chunks` blocks each.
+    window_steps = -(-cfg.buffer_chunks * block // cfg.batch_size)
+    warm = 1 + cfg.prefetch * window_steps
     rates: dict[str, list[float]] = {"offline": [], "online": [], "memory": []}
-    n = args.steps + 1
+    n = args.steps + warm
     for r in range(args.rounds):
         start = r * n
-        rates["offline"].append(timed(offline, offline.loader(start), args.steps))
-        rates["online"].append(timed(online, online.loader(start), args.steps))
-        it = iter(memory.loader(start))
-        held = [next(it) for _ in range(n)]  # the same batches, read before timing
+        rates["offline"].append(timed(offline, offline.loader(start), args.steps, warm))
+        rates["online"].append(timed(online, online.loader(start), args.steps, warm))
+        it = iter(memory.loader(start + warm - 1))
+        held = [next(it) for _ in range(args.steps + 1)]  # the same batches, read before timing
         del it
         rates["memory"].append(timed(memory, held, args.steps))
         print(

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.config import from_params, load_params
 from pipeline.teacher_logits import TeacherLogitsConfig, run_teacher_logits
 
@@ -133,6 +134,7 @@ class _ComputeLog(logging.Handler):
 
 
 def main() -> None:
+    keep_freed_memory()  # as the stage scripts do (see pipeline/allocator.py)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.logits_shards import (
     Job,
     ShardRunner,
@@ -68,6 +69,7 @@ def compute_shard(job: Job, split: str, shard: int, threads: int | None) -> dict
     )
     if key not in _CACHE:
         _CACHE.clear()
+        keep_freed_memory()  # a worker process does this job only (see pipeline/allocator.py)
         model = load_teacher(job.teacher_dir, job.device, job.dtype)
         _CACHE[key] = (build_kernel(model, job), load_tokenized(job.tokenized_dir))
     kernel, data = _CACHE[key]

@@ -22,7 +22,7 @@ from pipeline.store import (
     read_attrs_any_version,
     shard_files,
 )
-from pipeline.store_verify import abbreviate
+from pipeline.store_verify import abbreviate, content_sha256
 
 
 def _codec_names(arr: zarr.Array) -> str:
@@ -106,6 +106,7 @@ def store_summary(path: str | Path) -> dict[str, Any]:
         "shard_chunks": spec.shard_chunks,
         "splits": splits,
         "checksums_recorded": len(attrs.get("shards", {})),
+        "content_sha256": content_sha256(attrs),
         "bytes_on_disk": total,
         "entries": n_entries,
         "bytes_per_entry_ids_logprobs": round(pair_bytes / n_entries, 4) if n_entries else None,
@@ -128,8 +129,8 @@ def describe_store(path: str | Path) -> str:
     k = d["k"]
     lines = [
         f"logits store {d['path']}  (format_version {d['format_version']}, written by softlabels {d['softlabels_version']})",
-        f"complete:   {'yes' if d['complete'] else 'NO'}  ({d['checksums_recorded']} shard checksums recorded)",
-        f"teacher:    {t.get('name')} @ {t.get('revision')}  {t.get('architecture')}  vocab_size {t.get('vocab_size')}  sha256 {abbreviate(t.get('sha256'))}",
+        f"complete:   {'yes' if d['complete'] else 'NO'}  ({d['checksums_recorded']} shard checksums recorded, content sha256 {abbreviate(d['content_sha256'])})",
+        f"teacher:    {t.get('name')} @ {t.get('revision') or '-'}  {t.get('architecture')}  vocab_size {t.get('vocab_size')}  sha256 {abbreviate(t.get('sha256'))}",
         f"tokenizer:  vocab_size {tok.get('vocab_size')}  eos_id {tok.get('eos_id')}  sha256 {abbreviate(tok.get('sha256'))}",
         f"labels:     method {d['method']}  k {k}  seed {d['seed']}  temperature {d['temperature']}",
         f"layout:     {d['chunk_sequences']} sequences per chunk, {d['shard_chunks']} chunks per shard "

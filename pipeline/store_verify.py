@@ -19,6 +19,7 @@ dataset against the store. Trade-off: the audit decompresses the whole store (se
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,16 @@ def abbreviate(value: Any) -> str:
     """A value for a message: long strings (digests) cut to 12 characters and an ellipsis."""
     text = str(value)
     return text[:12] + "…" if isinstance(value, str) and len(text) > 16 else text
+
+
+def content_sha256(attrs: dict[str, Any]) -> str | None:
+    """The identity of a store's data: sha256 of its per-shard checksums (sorted JSON), or None
+    while no shard is recorded. Two stores with the same value hold the same bytes in every
+    shard; a student records it so it can be traced to the exact teacher pass it learned from."""
+    shards = attrs.get("shards")
+    if not shards:
+        return None
+    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
 
 
 def _differs(field: str, store: Any, yours: Any, advice: str) -> str:

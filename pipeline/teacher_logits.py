@@ -35,6 +35,7 @@ from typing import Any, Literal
 from pipeline.atomic import partial_path, replace_dir
 from pipeline.config import require
 from pipeline.errors import ConfigError, InputError, StoreError
+from pipeline.logits_dask import DaskSetup, run_on_dask  # distributed: imported lazily
 from pipeline.logits_shards import (
     CPU_STREAMS,
     SPLITS,
@@ -387,8 +388,6 @@ def _compute(
         total=total, initial=total - todo, unit="tok", unit_scale=True, desc="teacher_logits"
     ) as bar:
         if cfg.dask.enabled:
-            from pipeline.logits_dask import DaskSetup, run_on_dask
-
             setup = DaskSetup(cfg.dask.scheduler_address, cfg.dask.n_workers)
             run_on_dask(job, pending, setup, bar.update)
         else:

@@ -41,6 +41,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.llama import llama_config
 from pipeline.optim import check_optimizer_params
 from pipeline.provenance import ids_fingerprint, read_provenance, tokenizer_identity, write_json
+from pipeline.store_verify import content_sha256
 from pipeline.student_data import SoftLabelStream, check_store, load_token_rows
 from pipeline.student_trainer import LossSettings, StudentTrainer
 
@@ -170,6 +171,24 @@ class TrainStudentConfig:
             )
 
 
+def describe_source(record: dict[str, Any]) -> str:
+    """One line naming what a student learns from (the `softlabels.json` record), so the
+    stage's log alone traces a student back to its teacher pass."""
+    t = record["teacher"]
+    teacher = f"teacher {t['name']} @ {t.get('revision') or '-'} (sha256 {str(t['sha256'])[:12]}…)"
+    fps = ", ".join(
+        f"{split} {str(s.get('fingerprint'))[:12]}…"
+        for split, s in record["dataset"]["splits"].items()
+    )
+    if record["source"] == "live":
+        return f"the live {teacher}; dataset fingerprints: {fps}"
+    return (
+        f"store {record['store']} (content sha256 {str(record['store_sha256'])[:12]}…): "
+        f"{teacher}, {record['method']} k={record['k']} seed={record['seed']}; "
+        f"dataset fingerprints: {fps}"
+    )
+
+
 @dataclass
 class Setup:
     """Everything a training run needs, checked and built (see `prepare`)."""
@@ -290,6 +309,7 @@ def prepare(
         record = {
             "source": "store",
             "store": str(logits),
+            "store_sha256": content_sha256(attrs),
             "teacher": {k: attrs["teacher"].get(k) for k in ("name", "revision", "sha256")},
             "method": method,
             "k": attrs["k"],
@@ -389,17 +409,37 @@ def prepare(
 
 
 class _Curves:
-    """dvclive logging that survives a resume (rows past the resumed step are dropped)."""
+    """dvclive logging that survives a resume.
 
-    def __init__(self, directory: Path, resume_step: int) -> None:
+    DVC deletes a stage's outputs, the curves folder included, before it re-runs the stage, so
+    the curves up to a checkpoint travel inside the checkpoint (`snapshot`) and are written back
+    on resume; rows past the resumed step (logged after the checkpoint, before the kill) are
+    dropped. So the outputs need no `persist: true`, which would disable DVC's run cache.
+    """
+
+    def __init__(self, directory: Path, resume_step: int, saved: dict[str, str] | None) -> None:
         from dvclive import Live
 
+        class FilesOnlyLive(Live):
+            """dvclive's metric files without its DVC integration. The pipeline's dvc.yaml
+            declares the plots and DVC tracks them; dvclive's own integration would open the
+            DVC repository from inside the stage (files the stage does not declare) and, in
+            dvclive 3.49, crashes in a git repository without commits."""
+
+            def _init_dvc(self) -> None:
+                pass
+
         if resume_step:
+            for name, text in (saved or {}).items():
+                path = directory / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
             for tsv in (directory / "plots" / "metrics").rglob("*.tsv"):
                 lines = tsv.read_text().splitlines(keepends=True)
                 keep = [ln for ln in lines[1:] if int(ln.split("\t", 1)[0]) <= resume_step]
                 tsv.write_text("".join(lines[:1] + keep))
-        self.live = Live(
+        self.directory = directory
+        self.live = FilesOnlyLive(
             str(directory), resume=bool(resume_step), save_dvc_exp=False, dvcyaml=None, report=None
         )
 
@@ -408,6 +448,11 @@ class _Curves:
         for name, value in values.items():
             self.live.log_metric(name, value)
         self.live.make_summary()
+
+    def snapshot(self) -> dict[str, str]:
+        """{path relative to the folder: text} of every curve file (a few KB), for checkpoints."""
+        root = self.directory / "plots" / "metrics"
+        return {str(p.relative_to(self.directory)): p.read_text() for p in root.rglob("*.tsv")}
 
     def end(self) -> None:
         self.live.end()
@@ -430,7 +475,8 @@ def run_train_student(
     setup = prepare(cfg, tokenized=tokenized, logits=logits, tokenizer=tokenizer, teacher=teacher)
     trainer = setup.trainer
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    log.info("student: %d parameters on %s; learning from %s", n_params, setup.device, setup.record)
+    log.info("student: %d parameters on %s", n_params, setup.device)
+    log.info("learning from %s", describe_source(setup.record))
     work = Path(checkpoints) / setup.key
     state = ckpt.load(work)
     start, tokens_done, train_seconds = 0, 0, 0.0
@@ -441,7 +487,7 @@ def run_train_student(
         train_seconds = float(state["seconds"])
         log.info("resuming from the checkpoint at step %d (%s)", start, work / ckpt.FILE)
     seq_len = setup.validation.shape[1]
-    curves = _Curves(Path(live_dir), start)
+    curves = _Curves(Path(live_dir), start, state.get("curves") if state else None)
     eval_rows = setup.validation[: cfg.eval_sequences or None]
     bar = tqdm(total=cfg.steps, initial=start, desc="student", unit="step", disable=not progress)
     last: Any = None
@@ -483,6 +529,7 @@ def run_train_student(
                         "seconds": train_seconds,
                         "trainer": trainer.state_dict(),
                         "rng": ckpt.rng_state(),
+                        "curves": curves.snapshot(),
                     },
                 )
             bar.update(1)

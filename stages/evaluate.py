@@ -19,6 +19,7 @@ if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
 
 from pathlib import Path  # noqa: E402
 
+from pipeline.allocator import keep_freed_memory  # noqa: E402
 from pipeline.evaluate import EvaluateConfig, parse_named, run_evaluate  # noqa: E402
 from pipeline.stage_cli import load_section, run_stage, stage_parser  # noqa: E402
 
@@ -66,4 +67,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # whole-process allocator setting (see pipeline/allocator.py)
     sys.exit(main())

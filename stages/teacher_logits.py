@@ -21,6 +21,7 @@ if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
 
 from pathlib import Path
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.stage_cli import load_section, run_stage, stage_parser
 from pipeline.teacher_logits import TeacherLogitsConfig, run_teacher_logits
 
@@ -53,4 +54,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # whole-process allocator setting (see pipeline/allocator.py)
     sys.exit(main())

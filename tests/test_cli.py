@@ -32,7 +32,13 @@ def test_inspect_text(store, capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == f"logits store {store}  (format_version 1, written by softlabels 0.1.0)"
-    assert lines[1] == "complete:   yes  (16 shard checksums recorded)"
+    from pipeline.store import read_attrs
+    from pipeline.store_verify import content_sha256
+
+    digest = content_sha256(read_attrs(store))
+    assert lines[1] == (
+        f"complete:   yes  (16 shard checksums recorded, content sha256 {digest[:12]}…)"
+    )
     assert (
         "teacher:    tiny-teacher @ main  LlamaForCausalLM  vocab_size 50  sha256 aaaaaaaaaaaa…"
         in lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -271,6 +272,7 @@ def test_resume_after_sigkill_ends_with_identical_weights(env, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (tmp_path / "student").exists()
+    shutil.rmtree(tmp_path / "live-student")  # as `dvc repro` deletes outputs before a re-run
     again = subprocess.run(
         _stage(env, tmp_path, params, "student"), env=envvars, capture_output=True
     )
