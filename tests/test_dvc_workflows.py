@@ -274,52 +274,33 @@ def test_reruns_touch_only_what_changed(world, team_b, team_b_full):
 
 # --- team C: another project that imports the store -----------------------------------------
 
-CONSUMER_DVC_YAML = """\
-stages:
-  train_student:
-    cmd: >-
-      python stages/train_student.py --params params.yaml
-      --tokenized data/tokenized --logits data/logits/teacher.zarr --tokenizer {tokenizer}
-      --out models/student --metrics reports/train_student.json
-      --checkpoints .softlabels/work/train_student --live-dir dvclive/student --no-progress
-    deps:
-      - stages/train_student.py
-      - data/tokenized
-      - data/logits/teacher.zarr
-      - {tokenizer}
-    params:
-      - train_student
-    outs:
-      - models/student
-    metrics:
-      - reports/train_student.json:
-          cache: false
-"""
-
-IMPORTS = ["data/logits/teacher.zarr", "data/tokenized"] + [
-    f"models/teacher/{name}" for name in sorted(TOKENIZER_FILES)
-]
+EXAMPLE = REPO / "examples" / "student-project"
+TOKENIZER_IMPORTS = [f"models/teacher/{name}" for name in sorted(TOKENIZER_FILES)]
+DATA_IMPORTS = ["data/logits/teacher.zarr", "data/tokenized"]
 
 
-def consumer(world, name: str, tokenizer: str) -> Path:
-    """A new project with the student stage only, its own params, and A's store imported."""
+def consumer(world, name: str, imports: list[str]) -> Path:
+    """A new project made from examples/student-project (its dvc.yaml as written, its params
+    with tiny sizes), the stage script copied in, and `imports` brought in from team A."""
     repo = world.root / name
     new_repo(repo, world.env)
     (repo / "stages").mkdir()
     shutil.copy2(REPO / "stages" / "train_student.py", repo / "stages")
-    params = yaml.safe_load((world.a / "params.yaml").read_text())
-    student = dict(params["train_student"], hidden_size=48, num_heads=2, intermediate_size=96)
-    (repo / "params.yaml").write_text(yaml.safe_dump({"train_student": student}))
-    (repo / "dvc.yaml").write_text(CONSUMER_DVC_YAML.format(tokenizer=tokenizer))
-    for path in IMPORTS if tokenizer == "models/teacher" else IMPORTS[:2]:
+    for f in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(EXAMPLE / f, repo / f)
+    tiny = {k: v for k, v in TINY["train_student"].items() if k not in ("hidden_size",)}
+    set_params(repo, {"train_student": {**tiny, "num_layers": 1, "hidden_size": 48}})
+    for path in imports:
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         dvc(repo, world.env, "import", str(world.a), path, "-o", path, "--rev", "main")
     return repo
 
 
 def test_team_c_imports_the_store_and_trains_its_own_student(world):
-    c = consumer(world, "team-c", tokenizer="models/teacher")
+    c = consumer(world, "team-c", DATA_IMPORTS + TOKENIZER_IMPORTS)
     assert not (c / "models" / "teacher" / "model.safetensors").exists()
+    git(c, world.env, "add", "-A")
+    git(c, world.env, "commit", "-q", "-m", "student from team A's logits")
     out = dvc(c, world.env, "repro")
     assert ran(out) == {"train_student"}, out
     record = student_record(c / "models" / "student")
@@ -332,9 +313,9 @@ def test_team_c_imports_the_store_and_trains_its_own_student(world):
 
 
 def test_team_d_with_another_tokenizer_is_refused(world):
-    d = consumer(world, "team-d", tokenizer="tokenizer")
+    d = consumer(world, "team-d", DATA_IMPORTS)  # its own tokenizer, not team A's
     texts = [line for lang in LANGS for line in sample_lines(lang, 20)]
-    make_tokenizer(texts, vocab_size=300).save_pretrained(d / "tokenizer")
+    make_tokenizer(texts, vocab_size=300).save_pretrained(d / "models" / "teacher")
     out = dvc(d, world.env, "repro", ok=False)
     assert "tokenizer.sha256 differs: store" in out, out
     assert "tokenizer.vocab_size differs: store" in out, out
