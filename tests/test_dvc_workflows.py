@@ -349,7 +349,7 @@ def _relative_reads(record: dict, outs: list[str]) -> set[str]:
     as params), DVC's and the stage's own work folders, and the stage's outputs and their
     temporary siblings (`.name.partial-*`), which a stage may reopen while writing them."""
     cwd = record["cwd"]
-    lib = str(Path(pipeline.__file__).resolve().parent)
+    lib = record["pipeline_dir"] or str(Path(pipeline.__file__).resolve().parent)
     rel: set[str] = set()
     for p in record["reads"]:
         if _under(p, lib):

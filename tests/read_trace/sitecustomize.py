@@ -4,7 +4,8 @@
 to a JSONL file before running `dvc repro`; Python then imports this module at start-up in every
 process (DVC's own too). An audit hook (PEP 578) sees every `open` made from Python (builtins,
 `os.open`, `io.open_code` for imports); at exit, a process started as `python stages/<name>.py`
-appends {"argv", "cwd", "reads", "writes"} to the trace. Opens made by native code (pyarrow's
+appends {"argv", "cwd", "pipeline_dir", "reads", "writes"} to the trace (`pipeline_dir`: where
+that process imported the library from, editable checkout or site-packages). Opens made by native code (pyarrow's
 memory maps, safetensors) are invisible, so a folder counts as read when any file inside it is.
 Without SOFTLABELS_READ_TRACE this module does nothing.
 """
@@ -46,9 +47,11 @@ def _install(trace: str) -> None:
         script = sys.argv[0] if sys.argv else ""
         if os.path.basename(os.path.dirname(os.path.abspath(script))) != "stages":
             return
+        lib = getattr(sys.modules.get("pipeline"), "__file__", None)
         record = {
             "argv": sys.argv,
             "cwd": os.getcwd(),
+            "pipeline_dir": os.path.dirname(os.path.abspath(lib)) if lib else None,
             "reads": sorted(reads),
             "writes": sorted(writes),
         }
