@@ -9,6 +9,28 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
+from pipeline.config import require
+
+
+def check_llama_sizes(
+    section: str, *, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int
+) -> None:
+    """Range checks for the size keys of a params section that builds a Llama from scratch
+    (teacher, students); errors name `section.key`. Rotary embeddings need an even head size."""
+    sizes = {
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "num_heads": num_heads,
+        "intermediate_size": intermediate_size,
+    }
+    for key, value in sizes.items():
+        require(value >= 1, f"{section}.{key}", f"must be >= 1, got {value}")
+    require(
+        hidden_size % num_heads == 0 and (hidden_size // num_heads) % 2 == 0,
+        f"{section}.num_heads",
+        f"must divide hidden_size ({hidden_size}) into an even head size, got {num_heads}",
+    )
+
 
 def llama_config(
     *,

@@ -29,6 +29,7 @@ from pipeline.atomic import atomic_dir
 from pipeline.config import require
 from pipeline.corpus import CorpusConfig, Documents, read_corpus
 from pipeline.errors import InputError
+from pipeline.llama import check_llama_sizes
 from pipeline.optim import check_optimizer_params
 from pipeline.provenance import PROVENANCE_FILE, files_sha256, tokenizer_identity, write_json
 
@@ -104,15 +105,12 @@ class TeacherConfig:
             f"{s}.vocab_size",
             f"must be >= 258 (256 byte symbols + EOS + PAD), got {self.vocab_size}",
         )
-        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps"):
-            value = getattr(self, key)
-            require(value >= 1, f"{s}.{key}", f"must be >= 1, got {value}")
-        require(
-            self.hidden_size % self.num_heads == 0
-            and (self.hidden_size // self.num_heads) % 2 == 0,
-            f"{s}.num_heads",
-            f"must divide hidden_size ({self.hidden_size}) into an even head size, "
-            f"got {self.num_heads}",
+        check_llama_sizes(
+            s,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
         )
         require(self.seq_len >= 2, f"{s}.seq_len", f"must be >= 2, got {self.seq_len}")
         require(

@@ -38,10 +38,10 @@ from pipeline import student_model as sm
 from pipeline.atomic import atomic_dir
 from pipeline.config import require, to_dict
 from pipeline.errors import ConfigError, InputError
-from pipeline.llama import llama_config
+from pipeline.llama import check_llama_sizes, llama_config
 from pipeline.optim import check_optimizer_params
 from pipeline.provenance import ids_fingerprint, read_provenance, tokenizer_identity, write_json
-from pipeline.store_verify import content_sha256
+from pipeline.store_verify import abbreviate, content_sha256
 from pipeline.student_data import SoftLabelStream, check_store, load_token_rows
 from pipeline.student_trainer import LossSettings, StudentTrainer
 
@@ -132,15 +132,12 @@ class TrainStudentConfig:
     def __post_init__(self) -> None:
         s = "train_student"
         require(bool(self.model.strip()), f"{s}.model", f"must not be empty (use '{sm.SCRATCH}')")
-        for key in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "steps"):
-            value = getattr(self, key)
-            require(value >= 1, f"{s}.{key}", f"must be >= 1, got {value}")
-        require(
-            self.hidden_size % self.num_heads == 0
-            and (self.hidden_size // self.num_heads) % 2 == 0,
-            f"{s}.num_heads",
-            f"must divide hidden_size ({self.hidden_size}) into an even head size, "
-            f"got {self.num_heads}",
+        check_llama_sizes(
+            s,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
         )
         require(self.temperature > 0, f"{s}.temperature", f"must be > 0, got {self.temperature}")
         require(0.0 <= self.alpha <= 1.0, f"{s}.alpha", f"must be in [0, 1], got {self.alpha}")
@@ -175,15 +172,15 @@ def describe_source(record: dict[str, Any]) -> str:
     """One line naming what a student learns from (the `softlabels.json` record), so the
     stage's log alone traces a student back to its teacher pass."""
     t = record["teacher"]
-    teacher = f"teacher {t['name']} @ {t.get('revision') or '-'} (sha256 {str(t['sha256'])[:12]}…)"
+    teacher = f"teacher {t['name']} @ {t.get('revision') or '-'} (sha256 {abbreviate(t['sha256'])})"
     fps = ", ".join(
-        f"{split} {str(s.get('fingerprint'))[:12]}…"
+        f"{split} {abbreviate(s.get('fingerprint'))}"
         for split, s in record["dataset"]["splits"].items()
     )
     if record["source"] == "live":
         return f"the live {teacher}; dataset fingerprints: {fps}"
     return (
-        f"store {record['store']} (content sha256 {str(record['store_sha256'])[:12]}…): "
+        f"store {record['store']} (content sha256 {abbreviate(record['store_sha256'])}): "
         f"{teacher}, {record['method']} k={record['k']} seed={record['seed']}; "
         f"dataset fingerprints: {fps}"
     )

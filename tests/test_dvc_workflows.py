@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 import pipeline
+from pipeline.store import read_attrs
 from pipeline.store_verify import content_sha256
 from tests.conftest import REPO, make_tokenizer, sample_lines
 
@@ -154,10 +155,6 @@ def student_record(model_dir: Path) -> dict:
     return json.loads((model_dir / "softlabels.json").read_text())
 
 
-def store_attrs(store: Path) -> dict:
-    return json.loads((store / "zarr.json").read_text())["attributes"]["softlabels"]
-
-
 # --- the world: remote, team A, team B -------------------------------------------------------
 
 
@@ -212,7 +209,7 @@ def team_b_full(world, team_b) -> str:
 
 def test_team_a_ran_the_teacher_once(world):
     assert world.a_ran == {"prepare_teacher", "tokenize", "teacher_logits"}
-    assert store_attrs(world.a / "data/logits/teacher.zarr")["complete"] is True
+    assert read_attrs(world.a / "data/logits/teacher.zarr")["complete"] is True
     assert any(world.remote.rglob("*")), "dvc push left the remote empty"
 
 
@@ -226,7 +223,7 @@ def test_team_b_trains_from_the_pulled_store_without_the_teacher(world, team_b):
     assert opened <= TOKENIZER_FILES, f"the student stage opened teacher files {opened}"
     # The student says which store it learned from: team A's, byte for byte.
     record = student_record(team_b.path / "models" / "student-kd")
-    attrs = store_attrs(world.a / "data/logits/teacher.zarr")
+    attrs = read_attrs(world.a / "data/logits/teacher.zarr")
     assert record["store_sha256"] == content_sha256(attrs)
     assert record["teacher"] == {k: attrs["teacher"][k] for k in ("name", "revision", "sha256")}
     assert record["k"] == attrs["k"] == TINY["teacher_logits"]["k"]
@@ -269,7 +266,7 @@ def test_reruns_touch_only_what_changed(world, team_b, team_b_full):
     out = dvc(b, env, "repro")
     expected = {"teacher_logits", "train_student@kd", "train_student@ce", "compress", "evaluate"}
     assert ran(out) == expected, out
-    assert store_attrs(b / "data/logits/teacher.zarr")["k"] == 6
+    assert read_attrs(b / "data/logits/teacher.zarr")["k"] == 6
 
 
 # --- team C: another project that imports the store -----------------------------------------
@@ -304,7 +301,7 @@ def test_team_c_imports_the_store_and_trains_its_own_student(world):
     out = dvc(c, world.env, "repro")
     assert ran(out) == {"train_student"}, out
     record = student_record(c / "models" / "student")
-    attrs = store_attrs(world.a / "data/logits/teacher.zarr")
+    attrs = read_attrs(world.a / "data/logits/teacher.zarr")
     assert record["store_sha256"] == content_sha256(attrs)
     config = json.loads((c / "models" / "student" / "config.json").read_text())
     assert config["hidden_size"] == 48  # team C's own params
