@@ -22,27 +22,20 @@ Last line: {"bench": "kd_quality", "ppl_ce": ..., "ppl_full": ..., "ppl_sample":
 
 from __future__ import annotations
 
-import os
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
 import sys
+import time
+from pathlib import Path
 
-# Run as `python benchmarks/kd_quality.py`, this folder is sys.path[0] and
-# benchmarks/tokenize.py would shadow the standard library's `tokenize` module. Drop it.
-if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from pipeline.allocator import keep_freed_memory  # noqa: E402
-from pipeline.config import from_params, load_params  # noqa: E402
-from pipeline.store import read_attrs  # noqa: E402
-from pipeline.teacher_logits import TeacherLogitsConfig, run_teacher_logits  # noqa: E402
-from pipeline.train_student import TrainStudentConfig, prepare  # noqa: E402
+from pipeline.capture.teacher_logits import TeacherLogitsConfig, run_teacher_logits
+from pipeline.core.allocator import keep_freed_memory
+from pipeline.core.config import from_params, load_params
+from pipeline.store.format import read_attrs
+from pipeline.student.train_student import TrainStudentConfig, prepare
 
 TAILS = ("renorm", "bucket", "ignore")
 
@@ -62,8 +55,8 @@ def store_for(method: str, k: int, params: dict, args: argparse.Namespace) -> Pa
         t0 = time.perf_counter()
         run_teacher_logits(
             cfg,
-            teacher_dir=args.teacher,
-            tokenized_dir=args.tokenized,
+            teacher=args.teacher,
+            tokenized=args.tokenized,
             out=out,
             metrics=args.work / f"{method}-k{k}.json",
             work_dir=args.work / "partial",
@@ -86,7 +79,7 @@ def perplexity(cfg: TrainStudentConfig, args: argparse.Namespace, **kw) -> float
 
 
 def main() -> None:
-    keep_freed_memory()  # as the stage scripts do (see pipeline/allocator.py)
+    keep_freed_memory()  # as the stage scripts do (see pipeline/core/allocator.py)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -114,7 +107,9 @@ def main() -> None:
     result["ppl_ce"] = perplexity(dataclasses.replace(base, alpha=0.0), args, logits=any_store)
     print("full (teacher live)", file=sys.stderr)
     live = dataclasses.replace(base, teacher="live", alpha=1.0)
-    result["ppl_full"] = perplexity(live, args, logits=None, teacher=args.teacher, block_rows=block)
+    result["ppl_full"] = perplexity(
+        live, args, logits=None, teacher=args.teacher, chunk_sequences=block
+    )
     result["ppl_sample"] = {}
     for k in args.sample_k:
         print(f"sample k={k}", file=sys.stderr)

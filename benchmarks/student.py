@@ -23,26 +23,19 @@ Last line: {"bench": "student", "offline_tokens_per_s": ..., "online_tokens_per_
 
 from __future__ import annotations
 
-import os
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
 import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
 
-# Run as `python benchmarks/student.py`, this folder is sys.path[0] and benchmarks/tokenize.py
-# would shadow the standard library's `tokenize` module. Drop it.
-if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterable  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from pipeline.allocator import keep_freed_memory  # noqa: E402
-from pipeline.config import from_params, load_params  # noqa: E402
-from pipeline.train_student import Setup, TrainStudentConfig, prepare  # noqa: E402
+from pipeline.core.allocator import keep_freed_memory
+from pipeline.core.config import from_params, load_params
+from pipeline.student.train_student import Setup, TrainStudentConfig, prepare
 
 
 def timed(setup: Setup, batches: Iterable, steps: int, warmup: int = 1) -> float:
@@ -60,7 +53,7 @@ def timed(setup: Setup, batches: Iterable, steps: int, warmup: int = 1) -> float
 
 
 def main() -> None:
-    keep_freed_memory()  # as the stage scripts do (see pipeline/allocator.py)
+    keep_freed_memory()  # as the stage scripts do (see pipeline/core/allocator.py)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -76,12 +69,12 @@ def main() -> None:
     cfg = from_params(TrainStudentConfig, load_params(args.params), "train_student")
     common = dict(tokenized=args.tokenized, tokenizer=args.teacher)
     offline = prepare(cfg, logits=args.logits, **common)
-    block = offline.stream_args["block_rows"]
+    block = offline.stream_args["chunk_sequences"]
     online = prepare(
         dataclasses.replace(cfg, teacher="live"),
         logits=None,
         teacher=args.teacher,
-        block_rows=block,
+        chunk_sequences=block,
         **common,
     )
     memory = prepare(cfg, logits=args.logits, **common)

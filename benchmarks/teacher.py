@@ -21,14 +21,6 @@ Last line: {"bench": "teacher", "stage_tokens_per_s": ..., "forward_tokens_per_s
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as `python benchmarks/teacher.py`, this folder is sys.path[0], and its tokenize.py would
-# shadow the standard library's `tokenize` module (imported by `logging` via `linecache`).
-if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
 import json
 import logging
@@ -40,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.allocator import keep_freed_memory  # noqa: E402
-from pipeline.config import from_params, load_params
-from pipeline.teacher_logits import TeacherLogitsConfig, run_teacher_logits
+from pipeline.capture.teacher_logits import TeacherLogitsConfig, run_teacher_logits
+from pipeline.core.allocator import keep_freed_memory
+from pipeline.core.config import from_params, load_params
 
 
 def default_teacher(params: dict, scratch: Path) -> Path:
@@ -53,8 +45,8 @@ def default_teacher(params: dict, scratch: Path) -> Path:
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.builtin_teacher import build_model
-    from pipeline.provenance import files_sha256, tokenizer_identity, write_json
+    from pipeline.core.provenance import files_sha256, tokenizer_identity, write_json
+    from pipeline.teacher.builtin_teacher import build_model
 
     t = params["teacher"]
     vocab = int(t["vocab_size"])
@@ -95,22 +87,15 @@ def default_teacher(params: dict, scratch: Path) -> Path:
 
 
 def write_rows(path: Path, train: np.ndarray, validation: np.ndarray) -> None:
-    import datasets
+    from pipeline.data.tokenized import write_tokenized
 
-    seq_len = train.shape[1]
-    features = datasets.Features(
+    write_tokenized(
         {
-            "input_ids": datasets.List(datasets.Value("int32"), length=seq_len),
-            "lang": datasets.Value("string"),
-        }
+            name: (np.ascontiguousarray(rows, np.int32), ["en"] * len(rows))
+            for name, rows in (("train", train), ("validation", validation))
+        },
+        path,
     )
-    splits = {
-        name: datasets.Dataset.from_dict(
-            {"input_ids": rows.tolist(), "lang": ["en"] * len(rows)}, features=features
-        )
-        for name, rows in (("train", train), ("validation", validation))
-    }
-    datasets.DatasetDict(splits).save_to_disk(str(path))
 
 
 def forward_seconds(model: torch.nn.Module, rows: np.ndarray, batch: int) -> float:
@@ -134,7 +119,7 @@ class _ComputeLog(logging.Handler):
 
 
 def main() -> None:
-    keep_freed_memory()  # as the stage scripts do (see pipeline/allocator.py)
+    keep_freed_memory()  # as the stage scripts do (see pipeline/core/allocator.py)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -156,7 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-teacher-") as tmp:
         scratch = Path(tmp)
         teacher = default_teacher(params, scratch)
-        from pipeline.logits_shards import load_teacher
+        from pipeline.capture.shards import load_teacher
 
         model = load_teacher(teacher, "cpu", "float32")
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -179,13 +164,13 @@ def main() -> None:
         f1 = forward_seconds(model, np.concatenate([train, validation]), batch)
         print(f"forward #1: {f1:.2f} s ({tokens / f1:.0f} tokens/s)", flush=True)
         handler = _ComputeLog()
-        logging.getLogger("pipeline.teacher_logits").addHandler(handler)
-        logging.getLogger("pipeline.teacher_logits").setLevel(logging.INFO)
+        logging.getLogger("pipeline.capture.teacher_logits").addHandler(handler)
+        logging.getLogger("pipeline.capture.teacher_logits").setLevel(logging.INFO)
         start = time.perf_counter()
         metrics = run_teacher_logits(
             cfg,
-            teacher_dir=teacher,
-            tokenized_dir=scratch / "tokenized",
+            teacher=teacher,
+            tokenized=scratch / "tokenized",
             out=scratch / "out" / "teacher.zarr",
             metrics=scratch / "metrics.json",
             work_dir=scratch / "work",

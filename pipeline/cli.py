@@ -14,9 +14,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline import __version__
-from pipeline.errors import SoftlabelsError
+from pipeline.core.errors import SoftlabelsError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -40,9 +41,13 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from pipeline.store_inspect import describe_store, store_summary
+    from pipeline.classify.store import class_store_summary, describe_class_store
+    from pipeline.store.describe import describe_store, store_summary
 
-    if args.json:
+    if _is_class_store(args.store):
+        summary, text = class_store_summary, describe_class_store
+        print(json.dumps(summary(args.store), indent=2) if args.json else text(args.store))
+    elif args.json:
         print(json.dumps(store_summary(args.store), indent=2, ensure_ascii=False))
     else:
         print(describe_store(args.store))
@@ -76,13 +81,44 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="tokenizer folder (e.g. models/teacher): its identity must match the store's",
     )
+    p.add_argument(
+        "--params",
+        metavar="FILE",
+        help="classification stores: a params file whose classify_corpus section names the "
+        "corpus and label set the store must match, row by row (e.g. params.yaml)",
+    )
     p.set_defaults(func=_run_verify)
 
 
-def _run_verify(args: argparse.Namespace) -> int:
-    from pipeline.store_verify import verify_store
+def _is_class_store(store: str) -> bool:
+    from pipeline.classify.store import is_class_store
+    from pipeline.store.format import read_attrs_any_version
 
-    problems = verify_store(args.store, tokenizer=args.tokenizer, tokenized=args.tokenized)
+    return is_class_store(read_attrs_any_version(store))
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from pipeline.store.verify import verify_store
+
+    if _is_class_store(args.store):
+        from pipeline.classify.corpus import ClassifyCorpusConfig, read_labeled_corpus
+        from pipeline.classify.store import verify_class_store
+        from pipeline.core.stage_cli import load_section
+
+        if args.tokenized or args.tokenizer:
+            print(
+                "error: a classification store depends on no tokenizer; check it against a "
+                "corpus with --params PARAMS (its classify_corpus section)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        corpus = None
+        if args.params:
+            cfg = load_section(Path(args.params), ClassifyCorpusConfig, "classify_corpus")
+            corpus = read_labeled_corpus(cfg)
+        problems = verify_class_store(args.store, corpus)
+    else:
+        problems = verify_store(args.store, tokenizer=args.tokenizer, tokenized=args.tokenized)
     if not problems:
         print(f"OK: {args.store}")
         return EXIT_OK

@@ -9,19 +9,13 @@ figures, including the training curves of every `--curves NAME=DVCLIVE_DIR`).
 
 from __future__ import annotations
 
-import os
 import sys
+from pathlib import Path
 
-# Run as `python stages/evaluate.py`, this folder is sys.path[0], and its tokenize.py would
-# shadow the standard library's `tokenize` module (imported by `logging`, `inspect`, ...).
-if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
-from pathlib import Path  # noqa: E402
-
-from pipeline.allocator import keep_freed_memory  # noqa: E402
-from pipeline.evaluate import EvaluateConfig, parse_named, run_evaluate  # noqa: E402
-from pipeline.stage_cli import load_section, run_stage, stage_parser  # noqa: E402
+from pipeline.core.allocator import keep_freed_memory
+from pipeline.core.stage_cli import load_section, run_stage, stage_parser
+from pipeline.evaluate.common import parse_named
+from pipeline.evaluate.evaluate import EvaluateConfig, run_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,5 +61,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # whole-process allocator setting (see pipeline/allocator.py)
+    keep_freed_memory()  # whole-process allocator setting (see pipeline/core/allocator.py)
     sys.exit(main())

@@ -8,20 +8,13 @@ baseline, per language, to the metrics file.
 
 from __future__ import annotations
 
-import os
 import sys
-
-# Run as `python stages/prepare_teacher.py`, this folder is sys.path[0], and its tokenize.py
-# would shadow the standard library's `tokenize` module (imported by `logging`, `inspect`, ...).
-if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 from pathlib import Path
 
-from pipeline.allocator import keep_freed_memory
-from pipeline.corpus import CorpusConfig
-from pipeline.stage_cli import load_section, run_stage, stage_parser
-from pipeline.teacher import TeacherConfig, prepare_teacher
+from pipeline.core.allocator import keep_freed_memory
+from pipeline.core.stage_cli import load_section, run_stage, stage_parser
+from pipeline.data.corpus import CorpusConfig
+from pipeline.teacher.prepare_teacher import TeacherConfig, prepare_teacher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,5 +45,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # whole-process allocator setting (see pipeline/allocator.py)
+    keep_freed_memory()  # whole-process allocator setting (see pipeline/core/allocator.py)
     sys.exit(main())

@@ -11,19 +11,12 @@ probability per language) and storage cost go to the metrics file.
 
 from __future__ import annotations
 
-import os
 import sys
-
-# Run as `python stages/teacher_logits.py`, this folder is sys.path[0], and its tokenize.py would
-# shadow the standard library's `tokenize` module (imported by `logging` via `linecache`).
-if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 from pathlib import Path
 
-from pipeline.allocator import keep_freed_memory
-from pipeline.stage_cli import load_section, run_stage, stage_parser
-from pipeline.teacher_logits import TeacherLogitsConfig, run_teacher_logits
+from pipeline.capture.teacher_logits import TeacherLogitsConfig, run_teacher_logits
+from pipeline.core.allocator import keep_freed_memory
+from pipeline.core.stage_cli import load_section, run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage(
         lambda: run_teacher_logits(
             load_section(args.params, TeacherLogitsConfig, "teacher_logits"),
-            teacher_dir=args.teacher,
-            tokenized_dir=args.tokenized,
+            teacher=args.teacher,
+            tokenized=args.tokenized,
             out=args.out,
             metrics=args.metrics,
             work_dir=args.work_dir,
@@ -54,5 +47,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # whole-process allocator setting (see pipeline/allocator.py)
+    keep_freed_memory()  # whole-process allocator setting (see pipeline/core/allocator.py)
     sys.exit(main())

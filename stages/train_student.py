@@ -9,19 +9,12 @@ with the teacher's tokenizer and softlabels.json (the store it learned from). Wi
 
 from __future__ import annotations
 
-import os
 import sys
+from pathlib import Path
 
-# Run as `python stages/train_student.py`, this folder is sys.path[0], and its tokenize.py would
-# shadow the standard library's `tokenize` module (imported by `logging`, `inspect`, ...).
-if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
-from pathlib import Path  # noqa: E402
-
-from pipeline.allocator import keep_freed_memory  # noqa: E402
-from pipeline.stage_cli import load_section, run_stage, stage_parser  # noqa: E402
-from pipeline.train_student import TrainStudentConfig, run_train_student  # noqa: E402
+from pipeline.core.allocator import keep_freed_memory
+from pipeline.core.stage_cli import load_section, run_stage, stage_parser
+from pipeline.student.train_student import TrainStudentConfig, run_train_student
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,5 +72,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # whole-process allocator setting (see pipeline/allocator.py)
+    keep_freed_memory()  # whole-process allocator setting (see pipeline/core/allocator.py)
     sys.exit(main())

@@ -61,7 +61,12 @@ def make_teacher(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline import __version__
-    from pipeline.provenance import PROVENANCE_FILE, files_sha256, tokenizer_identity, write_json
+    from pipeline.core.provenance import (
+        PROVENANCE_FILE,
+        files_sha256,
+        tokenizer_identity,
+        write_json,
+    )
 
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.provenance import ids_fingerprint, tokenizer_identity
-from pipeline.store import SplitSpec, StoreSpec, create_store, finalize_store, write_shard
+from pipeline.core.provenance import ids_fingerprint, tokenizer_identity
+from pipeline.store.format import SplitSpec, StoreSpec, create_store, finalize_store, write_shard
 
 V, L, K = 50, 8, 4
 SIZES = {"train": 10, "validation": 3}

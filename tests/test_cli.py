@@ -32,8 +32,8 @@ def test_inspect_text(store, capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == f"logits store {store}  (format_version 1, written by softlabels 0.1.0)"
-    from pipeline.store import read_attrs
-    from pipeline.store_verify import content_sha256
+    from pipeline.store.format import read_attrs
+    from pipeline.store.verify import content_sha256
 
     digest = content_sha256(read_attrs(store))
     assert lines[1] == (

@@ -12,16 +12,17 @@ import pytest
 import torch
 import yaml
 
-from pipeline.compress import CompressConfig, PruneConfig, block_linears, run_compress
-from pipeline.compressed import (
+from pipeline.compress.compress import CompressConfig, PruneConfig, block_linears, run_compress
+from pipeline.compress.compressed import (
     MANIFEST,
     dequantize_rows,
     load_compressed,
     parameter_counts,
     quantize_rows,
 )
-from pipeline.config import from_params
-from pipeline.errors import ConfigError, InputError
+from pipeline.core.config import from_params
+from pipeline.core.errors import ConfigError, InputError
+from tests.classify_fixtures import make_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 V = 300
@@ -113,8 +114,8 @@ def test_compressed_parity_with_reference(tmp_path, student_dirs, tie):
     x = _ids()
     with torch.no_grad():
         expected = ref(input_ids=x).logits
-        deq = load_compressed(out, kernel="dequantize")(input_ids=x).logits
-        dyn = load_compressed(out, kernel="dynamic")(input_ids=x).logits
+        deq = load_compressed(out, int8_kernel="dequantize")(input_ids=x).logits
+        dyn = load_compressed(out, int8_kernel="dynamic")(input_ids=x).logits
     torch.testing.assert_close(deq, expected, atol=1e-5, rtol=1e-5)
     # dynamic int8 also rounds activations: close, not equal
     assert float((dyn - expected).abs().max()) < 0.05 * float(expected.abs().max()) + 0.05
@@ -149,7 +150,7 @@ def test_switches(tmp_path, student_dirs, cfg):
     x = _ids()
     with torch.no_grad():
         expected = reference_model(student_dirs[True], cfg)(input_ids=x).logits
-        got = load_compressed(out, kernel="dequantize")(input_ids=x).logits
+        got = load_compressed(out, int8_kernel="dequantize")(input_ids=x).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     manifest = json.loads((out / MANIFEST).read_text())
     names = {e["name"] for e in manifest["quantized"]}
@@ -158,7 +159,7 @@ def test_switches(tmp_path, student_dirs, cfg):
     assert bool(manifest["sparsity"]) == cfg.prune.enabled
     assert manifest["weights"]["file"].endswith(".zst") == (cfg.zstd_level > 0)
     # counts as stored: what a dequantized load holds
-    loaded = parameter_counts(load_compressed(out, kernel="dequantize"))
+    loaded = parameter_counts(load_compressed(out, int8_kernel="dequantize"))
     assert (manifest["parameters"], manifest["nonzero_parameters"]) == loaded
 
 
@@ -169,7 +170,7 @@ def test_nothing_enabled_is_lossless(tmp_path, student_dirs):
     from transformers import AutoModelForCausalLM
 
     src = AutoModelForCausalLM.from_pretrained(student_dirs[False], dtype=torch.float32)
-    got = load_compressed(out, kernel="dynamic")
+    got = load_compressed(out, int8_kernel="dynamic")
     for key, value in src.state_dict().items():
         assert torch.equal(got.state_dict()[key], value), key
 
@@ -178,7 +179,7 @@ def test_pruning_only_touches_block_linears(tmp_path, student_dirs):
     cfg = CompressConfig(quantize=False, quantize_embeddings=False, zstd_level=3)
     out = tmp_path / "c"
     run_compress(cfg, student=student_dirs[False], out=out, metrics=tmp_path / "m.json")
-    model = load_compressed(out, kernel="dequantize")
+    model = load_compressed(out, int8_kernel="dequantize")
     for name in block_linears(model, "lm_head"):
         w = model.get_submodule(name).weight
         assert float((w == 0).float().mean()) == pytest.approx(0.3, abs=0.01)
@@ -193,8 +194,8 @@ def test_fresh_process_loads_and_runs_on_cpu(tmp_path, student_dirs):
     x = _ids()
     code = (
         "import json, sys, torch\n"
-        "from pipeline.compressed import load_compressed\n"
-        "m = load_compressed(sys.argv[1], kernel=sys.argv[2])\n"
+        "from pipeline.compress.compressed import load_compressed\n"
+        "m = load_compressed(sys.argv[1], int8_kernel=sys.argv[2])\n"
         "x = torch.tensor(json.loads(sys.argv[3]))\n"
         "with torch.no_grad():\n"
         "    print(json.dumps(m(input_ids=x).logits.tolist()))\n"
@@ -210,7 +211,7 @@ def test_fresh_process_loads_and_runs_on_cpu(tmp_path, student_dirs):
         )
         child = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
         with torch.no_grad():
-            here = load_compressed(out, kernel=kernel)(input_ids=x).logits
+            here = load_compressed(out, int8_kernel=kernel)(input_ids=x).logits
         torch.testing.assert_close(child, here, atol=1e-5, rtol=1e-5)
 
 
@@ -231,7 +232,8 @@ def test_missing_student_is_refused(tmp_path):
             CompressConfig(), student=tmp_path / "nope", out=tmp_path / "c", metrics=tmp_path / "m"
         )
     assert str(e.value) == (
-        f"{tmp_path / 'nope'}: no such student folder (run `dvc repro train_student`)"
+        f"{tmp_path / 'nope'}: no such student folder (train it first: `dvc repro train_student`, "
+        "or `dvc repro classify_student@kd` for the classifier)"
     )
     assert not (tmp_path / "c").exists()
 
@@ -333,5 +335,186 @@ def test_stage_script(tmp_path, student_dirs):
     )
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'missing'}: no such student folder (run `dvc repro train_student`)"
+        f"error: {tmp_path / 'missing'}: no such student folder (train it first: "
+        "`dvc repro train_student`, or `dvc repro classify_student@kd` for the classifier)"
+    )
+
+
+# --- sequence classifiers (stage classify_compress) ------------------------------------------
+
+LABELS = ["science", "travel", "politics", "sports", "health", "entertainment", "geography"]
+
+
+def classifier_reference(folder: Path, cfg: CompressConfig, heads: list[str]):
+    """Independent reference for a classifier: prune and int8-round-trip every linear outside
+    `heads`; the embedding and the head linears round-tripped when quantize_embeddings."""
+    from torch.nn.utils import prune
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, torch.nn.Linear):
+                continue
+            if name in heads:
+                if cfg.quantize_embeddings:
+                    m.weight.copy_(dequantize_rows(*quantize_rows(m.weight)))
+                continue
+            if cfg.prune.enabled and cfg.prune.amount > 0:
+                prune.l1_unstructured(m, "weight", amount=cfg.prune.amount)
+                prune.remove(m, "weight")
+            if cfg.quantize:
+                m.weight.copy_(dequantize_rows(*quantize_rows(m.weight)))
+        if cfg.quantize_embeddings:
+            emb = model.get_input_embeddings()
+            emb.weight.copy_(dequantize_rows(*quantize_rows(emb.weight)))
+    return model
+
+
+def load_student_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return make_classifier(
+        tmp_path_factory.mktemp("classifier") / "student", tiny_tokenizer, LABELS
+    )
+
+
+def _padded(tokenizer) -> dict[str, torch.Tensor]:
+    texts = ["The match ended in a draw.", "Doctors advise rest", "a"]
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [CompressConfig(), CompressConfig(quantize_embeddings=False, zstd_level=0)],
+    ids=["default", "float-head"],
+)
+def test_classifier_round_trip(tmp_path, classifier_dir, tiny_tokenizer, cfg):
+    from transformers import LlamaForSequenceClassification
+
+    out = tmp_path / "c"
+    metrics = run_compress(cfg, student=classifier_dir, out=out, metrics=tmp_path / "m.json")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["head"] == {
+        "name": "score",
+        "embedding": "model.embed_tokens",
+        "tied": False,
+        "task": "sequence-classification",
+        "modules": ["score"],
+    }
+    quantized = {e["name"]: e for e in manifest["quantized"]}
+    assert ("score" in quantized) == cfg.quantize_embeddings
+    if cfg.quantize_embeddings:
+        assert quantized["score"] == {"name": "score", "kind": "linear", "shape": [7, 32]}
+    assert "score" not in manifest["sparsity"]  # the head is never pruned
+    assert len(manifest["sparsity"]) == 7  # 1 layer x (q, k, v, o, gate, up, down)
+    inputs = _padded(tiny_tokenizer)
+    ref = classifier_reference(classifier_dir, cfg, ["score"])
+    with torch.no_grad():
+        expected = ref(**inputs).logits  # (3, 7)
+        deq_model = load_compressed(out, int8_kernel="dequantize")
+        deq = deq_model(**inputs).logits
+        dyn = load_compressed(out, int8_kernel="dynamic")(**inputs).logits
+    assert isinstance(deq_model, LlamaForSequenceClassification)
+    assert deq_model.config.id2label == dict(enumerate(LABELS))
+    score = ref.score.weight  # never pruned: only int8-rounded, when quantized at all
+    torch.testing.assert_close(deq_model.score.weight, score, atol=0, rtol=0)
+    source = load_student_weights(classifier_dir)["score.weight"]
+    expected_score = dequantize_rows(*quantize_rows(source)) if cfg.quantize_embeddings else source
+    torch.testing.assert_close(score, expected_score, atol=0, rtol=0)
+    torch.testing.assert_close(deq, expected, atol=1e-5, rtol=1e-5)
+    assert float((dyn - expected).abs().max()) < 0.05 * float(expected.abs().max()) + 0.05
+    if cfg.quantize_embeddings:
+        assert metrics["weights_bytes_after"] < metrics["weights_bytes_before"] / 3
+    assert (manifest["parameters"], manifest["nonzero_parameters"]) == parameter_counts(deq_model)
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert (out / f).is_file()
+
+
+def test_multi_layer_classifier_head(tmp_path, tiny_tokenizer):
+    """An XLM-R-style head (classifier.dense + classifier.out_proj): both are head, neither is
+    pruned; BERT-style position/type embeddings stay float."""
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    from pipeline.compress.compress import classifier_head
+
+    torch.manual_seed(0)
+    config = XLMRobertaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=72,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        num_labels=3,
+    )
+    model = XLMRobertaForSequenceClassification(config).eval()
+    assert classifier_head(model) == ["classifier.dense", "classifier.out_proj"]
+    folder = tmp_path / "xlmr"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    cfg = CompressConfig()
+    out = tmp_path / "c"
+    run_compress(cfg, student=folder, out=out, metrics=tmp_path / "m.json")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["head"]["name"] == "classifier.out_proj"
+    assert manifest["head"]["modules"] == ["classifier.dense", "classifier.out_proj"]
+    assert not {"classifier.dense", "classifier.out_proj"} & set(manifest["sparsity"])
+    inputs = {"input_ids": _padded(tiny_tokenizer)["input_ids"]}
+    ref = classifier_reference(folder, cfg, ["classifier.dense", "classifier.out_proj"])
+    with torch.no_grad():
+        got = load_compressed(out, int8_kernel="dequantize")(**inputs).logits
+        expected = ref(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_classify_compress_section(tmp_path, classifier_dir, capsys):
+    """stages/compress.py --section classify_compress reads that section (same keys); errors
+    name it."""
+    import importlib.util
+
+    from pipeline.core.stage_cli import load_section
+
+    spec = importlib.util.spec_from_file_location("stage_compress", REPO / "stages/compress.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump({"compress": {}, "classify_compress": {"prune": {"amount": 0.5}}})
+    )
+    argv = ["--params", str(params), "--student", str(classifier_dir)]
+    ok = stage.main(
+        [*argv, "--section", "classify_compress", "--out", str(tmp_path / "c")]
+        + ["--metrics", str(tmp_path / "m.json")]
+    )
+    assert ok == 0
+    assert json.loads((tmp_path / "m.json").read_text())["block_sparsity"] == pytest.approx(
+        0.5, abs=0.01
+    )
+    assert load_section(params, CompressConfig, "compress") == CompressConfig()
+    params.write_text(yaml.safe_dump({"classify_compress": {"prune": {"amount": 1.5}}}))
+    bad = stage.main(
+        [*argv, "--section", "classify_compress", "--out", str(tmp_path / "c2")]
+        + ["--metrics", str(tmp_path / "m2.json")]
+    )
+    assert bad == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: classify_compress.prune.amount: must be in [0, 1), got 1.5"
+    )
+    assert not (tmp_path / "c2").exists()
+    params.write_text(yaml.safe_dump({"classify_compress": {"zstd_levl": 3}}))
+    with pytest.raises(ConfigError) as e:
+        load_section(params, CompressConfig, "classify_compress")
+    assert "classify_compress.zstd_levl: unknown key" in str(e.value)
+    params.write_text(yaml.safe_dump({"classify_compress": {"zstd_level": 40}}))
+    with pytest.raises(ConfigError) as e:
+        load_section(params, CompressConfig, "classify_compress")
+    assert str(e.value) == (
+        "classify_compress.zstd_level: must be in [0, 22] (0: no entropy coding), got 40"
     )

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import from_mapping
-from pipeline.corpus import CorpusConfig, read_corpus, split_documents
-from pipeline.errors import ConfigError, InputError
+from pipeline.core.config import from_mapping
+from pipeline.core.errors import ConfigError, InputError
+from pipeline.data.corpus import CorpusConfig, read_corpus, split_documents
 from tests.conftest import write_corpus
 
 

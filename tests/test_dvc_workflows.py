@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,8 +33,9 @@ import pytest
 import yaml
 
 import pipeline
-from pipeline.store import read_attrs
-from pipeline.store_verify import content_sha256
+from pipeline.store.format import read_attrs
+from pipeline.store.verify import content_sha256
+from tests.classify_fixtures import write_sib_slice
 from tests.conftest import REPO, make_tokenizer, sample_lines
 
 pytestmark = pytest.mark.slow
@@ -77,11 +79,44 @@ TINY = {
         "throughput_sequences": 4,
         "throughput_repeats": 1,
     },
+    "classify_corpus": {"languages": LANGS},
+    "classify_teacher": {
+        "steps": 3,
+        "batch_size": 8,
+        "warmup_steps": 1,
+        "eval_every": 2,
+        "max_length": 32,
+        "eval_batch_size": 16,
+        "threads": 1,
+    },
+    "classify_logits": {"batch_size": 16, "max_length": 32, "chunk_rows": 16, "shard_chunks": 2},
+    "classify_student": {
+        "hidden_size": 32,
+        "num_heads": 2,
+        "intermediate_size": 64,
+        "steps": 3,
+        "warmup_steps": 1,
+        "batch_size": 8,
+        "max_length": 32,
+        "eval_every": 2,
+        "eval_batch_size": 16,
+        "checkpoint_every": 2,
+        "log_every": 1,
+        "threads": 1,
+    },
+    "classify_evaluate": {
+        "batch_size": 16,
+        "max_length": 32,
+        "throughput_examples": 8,
+        "throughput_repeats": 1,
+        "threads": 1,
+    },
 }
 
 # The stages that load the teacher's weights (prepare_teacher builds or loads it; evaluate
 # measures it); a student trained from a pulled or imported store must run none of them.
 TEACHER_STAGES = {"prepare_teacher", "teacher_logits", "evaluate"}
+SIB_ROWS = {"train": 30, "dev": 8, "test": 8}  # per language: the classification corpus slice
 # What a student stage may open inside the teacher's folder: the tokenizer's files only.
 TOKENIZER_FILES = {"config.json", "tokenizer.json", "tokenizer_config.json"}
 
@@ -160,7 +195,8 @@ def student_record(model_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> SimpleNamespace:
-    """Team A's repository after `dvc repro teacher_logits` + `dvc push --run-cache`."""
+    """Team A's repository after `dvc repro teacher_logits classify_logits` (both tasks' teacher
+    passes) + `dvc push --run-cache`."""
     root = tmp_path_factory.mktemp("dvc-world")
     trace = root / "reads.jsonl"
     env = make_env(root, trace)
@@ -177,12 +213,13 @@ def world(tmp_path_factory) -> SimpleNamespace:
     for lang in LANGS:
         lines = sample_lines(lang, DOCS_PER_LANG)
         (corpus / f"{lang}.txt").write_text("".join(x + "\n" for x in lines), "utf-8")
+    write_sib_slice(a / "data" / "corpora" / "sib200", LANGS, SIB_ROWS)
     shutil.copy2(REPO / "params.yaml", a / "params.yaml")
     set_params(a, TINY)
     dvc(a, env, "remote", "add", "-d", "shared", str(remote))
     git(a, env, "add", "-A")
     git(a, env, "commit", "-q", "-m", "pipeline")
-    out = dvc(a, env, "repro", "teacher_logits")
+    out = dvc(a, env, "repro", "teacher_logits", "classify_logits")
     dvc(a, env, "push", "--run-cache")
     git(a, env, "add", "-A")
     git(a, env, "commit", "-q", "-m", "teacher logits")
@@ -202,14 +239,28 @@ def team_b(world) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def team_b_full(world, team_b) -> str:
-    """Team B then runs the rest of the pipeline (the ce student, compress, evaluate)."""
+def team_b_classify(world, team_b) -> SimpleNamespace:
+    """Team B then trains a classification student from team A's pulled classification store."""
+    out = dvc(team_b.path, world.env, "repro", "--pull", "classify_student@kd")
+    return SimpleNamespace(ran=ran(out), output=out)
+
+
+@pytest.fixture(scope="module")
+def team_b_full(world, team_b, team_b_classify) -> str:
+    """Team B then runs the rest of the pipeline (the other students, compress, evaluate)."""
     return dvc(team_b.path, world.env, "repro")
 
 
 def test_team_a_ran_the_teacher_once(world):
-    assert world.a_ran == {"prepare_teacher", "tokenize", "teacher_logits"}
+    assert world.a_ran == {
+        "prepare_teacher",
+        "tokenize",
+        "teacher_logits",
+        "classify_teacher",
+        "classify_logits",
+    }
     assert read_attrs(world.a / "data/logits/teacher.zarr")["complete"] is True
+    assert read_attrs(world.a / "data/logits/classify.zarr")["complete"] is True
     assert any(world.remote.rglob("*")), "dvc push left the remote empty"
 
 
@@ -231,6 +282,25 @@ def test_team_b_trains_from_the_pulled_store_without_the_teacher(world, team_b):
     assert f"content sha256 {content_sha256(attrs)[:12]}" in team_b.output  # in the stage's log
 
 
+def test_team_b_trains_a_classifier_from_the_pulled_store_without_the_teacher(
+    world, team_b, team_b_classify
+):
+    assert team_b_classify.ran == {"classify_student@kd"}, team_b_classify.output
+    runs = [
+        r
+        for r in _records(world.trace)
+        if Path(r["cwd"]) == team_b.path and _stage_of(r) == "classify_student@kd"
+    ]
+    assert len(runs) == 1
+    teacher_dir = team_b.path / "models" / "classify-teacher"
+    opened = {Path(p).name for p in runs[0]["reads"] if Path(p).parent == teacher_dir}
+    assert opened <= TOKENIZER_FILES, f"the classification student opened teacher files {opened}"
+    assert not any("model.safetensors" in p for p in runs[0]["reads"] if "classify-teacher" in p)
+    attrs = read_attrs(world.a / "data/logits/classify.zarr")
+    record = student_record(team_b.path / "models" / "classify-student-kd")
+    assert record["store"]["content_sha256"] == content_sha256(attrs)
+
+
 def test_run_cache_restores_a_student_someone_already_trained(world, team_b):
     """Team A's params for `kd`: a second clone restores everything from the remote, runs nothing."""
     a2 = world.root / "team-a-clone"
@@ -245,7 +315,15 @@ def test_run_cache_restores_a_student_someone_already_trained(world, team_b):
 
 def test_reruns_touch_only_what_changed(world, team_b, team_b_full):
     b, env = team_b.path, world.env
-    assert ran(team_b_full) == {"train_student@ce", "compress", "evaluate"}, team_b_full
+    assert ran(team_b_full) == {
+        "train_student@ce",
+        "compress",
+        "evaluate",
+        "classify_student@ce",
+        "classify_student@gold",
+        "classify_compress",
+        "classify_evaluate",
+    }, team_b_full
 
     assert ran(dvc(b, env, "repro")) == set()  # twice in a row: nothing
     assert "up to date" in dvc(b, env, "status")
@@ -267,6 +345,16 @@ def test_reruns_touch_only_what_changed(world, team_b, team_b_full):
     expected = {"teacher_logits", "train_student@kd", "train_student@ce", "compress", "evaluate"}
     assert ran(out) == expected, out
     assert read_attrs(b / "data/logits/teacher.zarr")["k"] == 6
+
+    # A classification student's own param, that stage alone: only it reruns.
+    set_params(b, {"classify_students": {"kd": {"alpha": 0.3}}})
+    out = dvc(b, env, "repro", "classify_student@kd")
+    assert ran(out) == {"classify_student@kd"}, out
+    # A param every classification student reads: them and what follows, nothing of the LM task.
+    set_params(b, {"classify_student": {"steps": 4}})
+    out = dvc(b, env, "repro")
+    expected = {f"classify_student@{k}" for k in ("kd", "ce", "gold")}
+    assert ran(out) == expected | {"classify_compress", "classify_evaluate"}, out
 
 
 # --- team C: another project that imports the store -----------------------------------------
@@ -328,12 +416,29 @@ def _records(trace: Path) -> list[dict]:
     return [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
 
 
+def _stage_commands() -> dict[str, tuple[str, ...]]:
+    """{stage (a foreach entry as name@key): its command line after `python`}, from the
+    project's dvc.yaml and params.yaml (a script may serve several stages, as compress does)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    out: dict[str, tuple[str, ...]] = {}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        if "foreach" in stage:
+            for key in params[stage["foreach"].strip("${}")]:
+                cmd = body["cmd"].replace("${key}", key)
+                out[f"{name}@{key}"] = tuple(shlex.split(cmd)[1:])
+        else:
+            out[name] = tuple(shlex.split(body["cmd"])[1:])
+    return out
+
+
 def _stage_of(record: dict) -> str:
-    name = Path(record["argv"][0]).stem
     argv = record["argv"]
-    if name == "train_student" and "--student" in argv:
-        name += "@" + argv[argv.index("--student") + 1]
-    return name
+    for name, cmd in _stage_commands().items():
+        if Path(argv[0]).name == Path(cmd[0]).name and tuple(argv[1:]) == cmd[1:]:
+            return name
+    raise AssertionError(f"no dvc.yaml stage runs {argv}")
 
 
 def _under(path: str, root: str) -> bool:
@@ -342,7 +447,7 @@ def _under(path: str, root: str) -> bool:
 
 def _relative_reads(record: dict, outs: list[str]) -> set[str]:
     """What a stage process read, as repo-relative paths: its inputs and the library modules it
-    imported (pipeline/x.py for pipeline/__pycache__/x.*.pyc). Leaves out params.yaml (tracked
+    imported (pipeline/pkg/x.py for pipeline/pkg/__pycache__/x.*.pyc). Leaves out params.yaml (tracked
     as params), DVC's and the stage's own work folders, and the stage's outputs and their
     temporary siblings (`.name.partial-*`), which a stage may reopen while writing them."""
     cwd = record["cwd"]
@@ -351,8 +456,8 @@ def _relative_reads(record: dict, outs: list[str]) -> set[str]:
     for p in record["reads"]:
         if _under(p, lib):
             q = Path(p).relative_to(lib)
-            if q.parts[0] == "__pycache__":
-                q = q.with_name(q.name.split(".")[0] + ".py").relative_to("__pycache__")
+            if q.parent.name == "__pycache__":  # pipeline/<pkg>/__pycache__/x.cpython-*.pyc
+                q = q.parent.parent / (q.name.split(".")[0] + ".py")
             rel.add(str(Path("pipeline") / q))
         elif _under(p, cwd):
             rel.add(str(Path(p).relative_to(cwd)))
@@ -378,7 +483,7 @@ def test_dvc_yaml_lists_exactly_what_each_stage_reads(world, team_b, team_b_full
     problems = []
     for stage, opened in sorted(reads.items()):
         deps = [d["path"] for d in lock[stage]["deps"]]
-        script = f"stages/{stage.split('@')[0]}.py"
+        script = _stage_commands()[stage][0]
         opened.add(script)  # read by the interpreter itself, before any audit hook exists
         unlisted = sorted(p for p in opened if not any(_under(p, d) for d in deps))
         unread = sorted(d for d in deps if not any(_under(p, d) for p in opened))
@@ -394,16 +499,16 @@ def test_dvc_yaml_lists_exactly_the_params_each_stage_reads(monkeypatch):
     params sections it loads must be the ones its dvc.yaml entry lists, and vice versa. (A
     section is read whole: `from_params` rejects keys its config does not have.)"""
     import importlib.util
-    import shlex
 
-    import pipeline.stage_cli as stage_cli
+    import pipeline.core.stage_cli as stage_cli
 
     plumbing = {"load_section", "run_stage", "stage_parser", "parse_named", "keep_freed_memory"}
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     monkeypatch.chdir(REPO)
     for name, stage in spec.items():
-        items = {f"{name}@{k}": k for k in params["students"]} if "foreach" in stage else {name: ""}
+        variants = params[stage["foreach"].strip("${}")] if "foreach" in stage else None
+        items = {f"{name}@{k}": k for k in variants} if variants else {name: ""}
         body = stage.get("do", stage)
         for full, key in items.items():
             argv = shlex.split(body["cmd"].replace("${key}", key))

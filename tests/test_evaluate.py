@@ -3,7 +3,7 @@ the files it writes (metrics, plot tables, report and figures), and its refusals
 
 Setup: a peaky tiny teacher (so argmaxes are not near ties), a student and its compressed copy,
 a tokenized DatasetDict (validation rows in three languages) and logits stores written from the
-teacher itself with pipeline.store (top-k with k = V, top-k with small k, and sampled).
+teacher itself with pipeline.store.format (top-k with k = V, top-k with small k, and sampled).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import pytest
 import torch
 from test_compress import save_student
 
-from pipeline.compress import CompressConfig, run_compress
-from pipeline.config import from_params
-from pipeline.errors import ConfigError, InputError, StoreError
-from pipeline.evaluate import EvaluateConfig, parse_named, run_evaluate
-from pipeline.provenance import ids_fingerprint, tokenizer_identity
-from pipeline.store import SplitSpec, StoreSpec, create_store, finalize_store, write_shard
-from pipeline.store_verify import _TOKENIZER_ADVICE, abbreviate
+from pipeline.compress.compress import CompressConfig, run_compress
+from pipeline.core.config import from_params
+from pipeline.core.errors import ConfigError, InputError, StoreError
+from pipeline.core.provenance import ids_fingerprint, tokenizer_identity
+from pipeline.evaluate.common import parse_named
+from pipeline.evaluate.evaluate import EvaluateConfig, run_evaluate
+from pipeline.store.format import SplitSpec, StoreSpec, create_store, finalize_store, write_shard
+from pipeline.store.verify import _TOKENIZER_ADVICE, abbreviate
 
 REPO = Path(__file__).resolve().parents[1]
 N, L = 10, 16
@@ -167,10 +168,10 @@ def full_logprobs(model_dir: Path, rows: np.ndarray, compressed: bool = False) -
     """(N, L-1, V) log-probabilities of a model at positions 0..L-2, one full forward."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.compressed import load_compressed
+    from pipeline.compress.compressed import load_compressed
 
     if compressed:
-        model = load_compressed(model_dir, kernel="dequantize")
+        model = load_compressed(model_dir, int8_kernel="dequantize")
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -223,7 +224,7 @@ def test_metrics_match_full_vocabulary_reference(setup, tmp_path):
 
 def test_sample_store_kl_is_the_draw_average(setup, tmp_path):
     result = evaluate(setup, tmp_path, "sample16", models=[("student", setup["student"])])
-    from pipeline.store import open_split
+    from pipeline.store.format import open_split
 
     arrays = open_split(setup["stores"]["sample16"], "validation")
     ids = torch.from_numpy(arrays["ids"][:][:, :-1]).long()  # (N, L-1, k)

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
+from pipeline.student.losses import (
     LOSSES,
     TAILS,
     check_options,
     distillation_loss,
     distinct_mask,
     full_kd,
-    next_token_ce,
     partition_kd,
     sampled_kd,
+    target_nll,
 )
 
 B, T, V = 2, 3, 11
@@ -78,7 +78,7 @@ def test_every_variant_equals_full_kd_when_k_is_vocab(tail, loss, temperature):
     lp, tl = store_of(t, ids)
     assert torch.isinf(tl).all()
     got, g_got = value_and_grad(
-        lambda z: partition_kd(z, ids, lp, tl, tail_mode=tail, loss=loss, temperature=temperature),
+        lambda z: partition_kd(z, ids, lp, tl, tail=tail, loss=loss, temperature=temperature),
         z,
     )
     want, g_want = value_and_grad(lambda z: full_kd(z, t, loss=loss, temperature=temperature), z)
@@ -112,7 +112,7 @@ def test_parts_and_cross_entropy():
     z, t = logits(4), logits(5)
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
     ref_ce = F.cross_entropy(z.reshape(-1, V), targets.reshape(-1))
-    torch.testing.assert_close(next_token_ce(z, targets).mean(), ref_ce)
+    torch.testing.assert_close(target_nll(z, targets).mean(), ref_ce)
     parts = distillation_loss(z, targets, alpha=0.0)
     torch.testing.assert_close(parts.total, ref_ce)
     assert parts.kd.item() == 0.0
@@ -132,7 +132,7 @@ def test_partition_loss_is_exact_on_the_induced_partition(tail, loss, temperatur
     ids = torch.cat([ids, ids[..., :2]], -1)  # duplicates: the support is still 5 ids
     lp, tl = store_of(t, ids)
     got, g_got = value_and_grad(
-        lambda z: partition_kd(z, ids, lp, tl, tail_mode=tail, loss=loss, temperature=temperature),
+        lambda z: partition_kd(z, ids, lp, tl, tail=tail, loss=loss, temperature=temperature),
         z,
     )
     want, g_want = value_and_grad(
@@ -158,13 +158,13 @@ def test_minus_inf_tails_and_fp16_inputs_stay_finite():
     for tail, loss in itertools.product(TAILS, LOSSES):
         val, grad = value_and_grad(
             lambda z, tail=tail, loss=loss: partition_kd(
-                z.half(), ids.int(), lp.half(), tl.half(), tail_mode=tail, loss=loss
+                z.half(), ids.int(), lp.half(), tl.half(), tail=tail, loss=loss
             ),
             z,
         )
         assert val.dtype == torch.float32
         assert torch.isfinite(val).all() and torch.isfinite(grad).all(), (tail, loss)
-        ref = partition_kd(z, ids, lp, tl, tail_mode=tail, loss=loss)
+        ref = partition_kd(z, ids, lp, tl, tail=tail, loss=loss)
         torch.testing.assert_close(val, ref, atol=2e-2, rtol=2e-2)
 
 

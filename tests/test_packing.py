@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.packing import pack_documents, pack_flat
+from pipeline.data.packing import pack_documents, pack_flat
 
 
 def test_pack_documents_inserts_eos_and_counts_remainder():

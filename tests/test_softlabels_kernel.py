@@ -1,4 +1,4 @@
-"""The soft-label kernel (pipeline.softlabels): parity with a full-logits reference, sampling
+"""The soft-label kernel (pipeline.capture.kernel): parity with a full-logits reference, sampling
 statistics, invariance to slicing / batching / threads, exact tails, architecture splitting."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import ConfigError, InputError
-from pipeline.softlabels import (
+from pipeline.capture.kernel import (
     Fidelity,
     SoftLabelKernel,
     check_split,
@@ -18,6 +17,7 @@ from pipeline.softlabels import (
     per_sequence_stats,
     shard_generator,
 )
+from pipeline.core.errors import ConfigError, InputError
 
 
 def tiny_llama(vocab: int, *, hidden: int = 16, head_scale: float = 50.0, seed: int = 0):

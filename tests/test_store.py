@@ -26,24 +26,22 @@ from store_fixtures import (
 )
 
 from pipeline import __version__
-from pipeline.errors import StoreError
-from pipeline.provenance import ids_fingerprint, sha256_file
-from pipeline.store import (
+from pipeline.core.errors import StoreError
+from pipeline.core.provenance import ids_fingerprint, sha256_file
+from pipeline.store.format import (
     ARRAYS,
     FORMAT_VERSION,
     SplitSpec,
     StoreSpec,
-    check_compatible,
     create_store,
     finalize_store,
     iter_chunks,
     open_split,
     read_attrs,
     shard_checksums,
-    verify_store,
     write_shard,
 )
-from pipeline.store_verify import _StreamingFingerprint
+from pipeline.store.verify import _StreamingFingerprint, check_compatible, verify_store
 
 
 def test_spec_shards_and_order():

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.errors import InputError, StoreError
-from pipeline.provenance import ids_fingerprint
-from pipeline.student_data import BlockOrder, SoftLabelStream, check_store, load_token_rows
+from pipeline.core.errors import InputError, StoreError
+from pipeline.core.provenance import ids_fingerprint
+from pipeline.data.tokenized import load_tokenized
+from pipeline.student.data import BlockOrder, SoftLabelStream, check_store
 from tests.store_fixtures import (
     SIZES,
     V,
@@ -33,12 +34,12 @@ def env(tmp_path_factory):
 
 
 def stream(env, **kw) -> SoftLabelStream:
-    args = dict(batch_size=3, seed=7, block_rows=2, store=env["root"] / "store.zarr")
+    args = dict(batch_size=3, seed=7, chunk_sequences=2, store=env["root"] / "store.zarr")
     return SoftLabelStream(env["root"] / "tokenized", **(args | kw))
 
 
 def test_each_epoch_covers_every_row_once_across_slots():
-    order = BlockOrder(n_rows=23, block_rows=4, batch_size=5, seed=1, buffer_blocks=2, slots=3)
+    order = BlockOrder(n_rows=23, chunk_sequences=4, batch_size=5, seed=1, buffer_chunks=2, slots=3)
     for epoch in range(3):
         rows = [
             order.window_rows(epoch, slot, i, w)
@@ -48,7 +49,7 @@ def test_each_epoch_covers_every_row_once_across_slots():
         assert sorted(np.concatenate(rows).tolist()) == list(range(23))
     # Epochs are shuffled differently, and the order is a pure function of the seed.
     first = [order.window_rows(0, 0, 0, order.windows(0, 0)[0])]
-    again = BlockOrder(n_rows=23, block_rows=4, batch_size=5, seed=1, buffer_blocks=2, slots=3)
+    again = BlockOrder(n_rows=23, chunk_sequences=4, batch_size=5, seed=1, buffer_chunks=2, slots=3)
     assert np.array_equal(first[0], again.window_rows(0, 0, 0, again.windows(0, 0)[0]))
     assert not np.array_equal(order.slot_blocks(0, 0), order.slot_blocks(1, 0))
 
@@ -84,14 +85,14 @@ def take(loader, n):
 
 def test_workers_and_resume_follow_the_pure_order(env):
     """Two DataLoader workers, then a restart at step 5: the batches the order predicts."""
-    s = stream(env, workers=2, buffer_blocks=1)
+    s = stream(env, num_workers=2, buffer_chunks=1)
     batches = take(DataLoader(s, batch_size=None, num_workers=2), 9)
     tokens = env["data"]["train"][0]
     for step, batch in enumerate(batches):
         assert np.array_equal(
-            batch["input_ids"].numpy(), tokens[s.order.batch_rows(step, workers=2)]
+            batch["input_ids"].numpy(), tokens[s.order.batch_rows(step, num_workers=2)]
         )
-    resumed = stream(env, workers=2, buffer_blocks=1, start_step=5)
+    resumed = stream(env, num_workers=2, buffer_chunks=1, start_step=5)
     again = take(DataLoader(resumed, batch_size=None, num_workers=2), 4)
     for a, b in zip(batches[5:], again, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -99,18 +100,18 @@ def test_workers_and_resume_follow_the_pure_order(env):
 
 def test_ranks_read_disjoint_blocks(env):
     n = SIZES["train"]
-    order = BlockOrder(n_rows=n, block_rows=2, batch_size=1, seed=3, buffer_blocks=1, slots=2)
+    order = BlockOrder(n_rows=n, chunk_sequences=2, batch_size=1, seed=3, buffer_chunks=1, slots=2)
     r0 = np.concatenate([order.batch_rows(s, rank=0) for s in range(4)])
     r1 = np.concatenate([order.batch_rows(s, rank=1) for s in range(4)])
     assert not set(r0.tolist()) & set(r1.tolist())
-    s0 = stream(env, batch_size=1, seed=3, buffer_blocks=1, rank=0, world_size=2)
+    s0 = stream(env, batch_size=1, seed=3, buffer_chunks=1, rank=0, world_size=2)
     got = np.concatenate([b["input_ids"].numpy() for b in take(s0, 4)])
     assert np.array_equal(got, env["data"]["train"][0][r0])
 
 
 def test_too_many_readers_is_refused(env):
     with pytest.raises(InputError) as e:
-        stream(env, workers=8)
+        stream(env, num_workers=8)
     assert str(e.value) == (
         "the training split has 5 blocks of 2 sequences, fewer than the 8 readers (ranks x "
         "DataLoader workers); use fewer train_student.num_workers"
@@ -118,7 +119,7 @@ def test_too_many_readers_is_refused(env):
 
 
 def test_token_rows_and_fingerprint_match_the_dataset(env):
-    rows = load_token_rows(env["root"] / "tokenized", "train")
+    rows = load_tokenized(env["root"] / "tokenized")["train"].input_ids
     assert rows.dtype == np.int32 and np.array_equal(rows, env["data"]["train"][0])
     assert ids_fingerprint(rows) == ids_fingerprint(env["data"]["train"][0])
 

@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from pipeline import __version__
-from pipeline import builtin_teacher as bt
-from pipeline.config import from_params
-from pipeline.corpus import CorpusConfig
-from pipeline.errors import ConfigError, InputError
-from pipeline.provenance import files_sha256, read_provenance, tokenizer_identity
-from pipeline.teacher import TeacherConfig, prepare_teacher
+from pipeline.core.config import from_params
+from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.provenance import files_sha256, read_provenance, tokenizer_identity
+from pipeline.data.corpus import CorpusConfig
+from pipeline.teacher import builtin_teacher as bt
+from pipeline.teacher.prepare_teacher import TeacherConfig, prepare_teacher
 from stages.prepare_teacher import main as stage_main
 from tests.conftest import make_teacher, make_tokenizer, sample_lines
 

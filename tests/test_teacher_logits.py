@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import from_params, load_params
-from pipeline.errors import ConfigError, InputError, StoreError
-from pipeline.store import read_attrs, verify_store
-from pipeline.teacher_logits import DaskConfig, TeacherLogitsConfig, run_teacher_logits
+from pipeline.capture.dask_runner import DaskConfig
+from pipeline.capture.teacher_logits import TeacherLogitsConfig, run_teacher_logits
+from pipeline.core.config import from_params, load_params
+from pipeline.core.errors import ConfigError, InputError, StoreError
+from pipeline.store.format import read_attrs
+from pipeline.store.verify import verify_store
 
 REPO = Path(__file__).resolve().parents[1]
 LANGS = ("en", "de", "zh")
@@ -78,8 +80,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 def run(cfg: TeacherLogitsConfig, teacher: Path, tokenized: Path, root: Path) -> dict:
     return run_teacher_logits(
         cfg,
-        teacher_dir=teacher,
-        tokenized_dir=tokenized,
+        teacher=teacher,
+        tokenized=tokenized,
         out=root / "out" / "teacher.zarr",
         metrics=root / "metrics.json",
         work_dir=root / "work",
@@ -123,9 +125,10 @@ def test_store_holds_the_kernel_outputs_per_shard_stream(tmp_path, tiny_teacher,
     """Row r of shard s is the kernel's output for that row, with shard s's sampling stream."""
     import torch
 
-    from pipeline.logits_shards import load_teacher, load_tokenized
-    from pipeline.softlabels import SoftLabelKernel, draw_uniforms, shard_generator
-    from pipeline.store import open_split
+    from pipeline.capture.kernel import SoftLabelKernel, draw_uniforms, shard_generator
+    from pipeline.capture.shards import load_teacher
+    from pipeline.data.tokenized import load_tokenized
+    from pipeline.store.format import open_split
 
     cfg = small_cfg(batch_size=4)  # one batch per shard (shards hold 4 sequences)
     run(cfg, tiny_teacher, tokenized, tmp_path)
@@ -218,7 +221,7 @@ def test_disk_full_keeps_finished_shards_and_rerun_resumes(
 ) -> None:
     """ENOSPC on the 3rd shard: a clear error, 2 shards kept; one of them is then corrupted on
     disk; the rerun recomputes it and the rest and matches an uninterrupted run byte for byte."""
-    import pipeline.logits_shards as shards
+    import pipeline.capture.shards as shards
 
     cfg = small_cfg()
     run(cfg, tiny_teacher, tokenized, tmp_path / "clean")
@@ -292,9 +295,9 @@ def test_token_ids_outside_the_teacher_vocabulary(tmp_path, tiny_teacher, tiny_t
 
 
 def _ids(tok: Path) -> list[np.ndarray]:
-    from pipeline.logits_shards import load_tokenized
+    from pipeline.data.tokenized import load_tokenized
 
-    return [s.input_ids for s in load_tokenized(tok).values()]
+    return [s.input_ids for s in load_tokenized(tok).splits.values()]
 
 
 @pytest.mark.parametrize("excess", [1, 10_000])

@@ -12,9 +12,9 @@ import datasets
 import numpy as np
 import pytest
 
-from pipeline.corpus import CorpusConfig
-from pipeline.errors import ConfigError, InputError
-from pipeline.tokenize import TokenizeConfig, balance, run_tokenize
+from pipeline.core.errors import ConfigError, InputError
+from pipeline.data.corpus import CorpusConfig
+from pipeline.data.tokenize import TokenizeConfig, balance, run_tokenize
 from tests.conftest import REPO
 
 LANGS = ["en", "de", "zh"]
@@ -65,7 +65,7 @@ def test_output_contract(tmp_path, tiny_corpus, tiny_teacher, tiny_tokenizer):
 
 
 def test_two_runs_give_identical_bytes(tmp_path, tiny_corpus, tiny_teacher, monkeypatch):
-    monkeypatch.setattr("pipeline.tokenize.ENCODE_BATCH", 16)  # so num_proc=2 really forks
+    monkeypatch.setattr("pipeline.data.tokenize.ENCODE_BATCH", 16)  # so num_proc=2 really forks
     a, _, _ = run(tmp_path, tiny_corpus, tiny_teacher, name="a")
     b, _, _ = run(tmp_path, tiny_corpus, tiny_teacher, name="b", num_proc=2)
     assert tree_digest(a) == tree_digest(b)
@@ -128,7 +128,7 @@ def test_failure_leaves_no_output_that_looks_complete(tmp_path, tiny_teacher):
 
 def test_stage_script_help_and_error_exit(tmp_path):
     help_text = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "tokenize.py"), "--help"],
+        [sys.executable, str(REPO / "stages" / "tokenize_corpus.py"), "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -140,7 +140,7 @@ def test_stage_script_help_and_error_exit(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(REPO / "stages" / "tokenize.py"),
+            str(REPO / "stages" / "tokenize_corpus.py"),
             "--params",
             str(params),
             "--teacher",

@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import from_params
-from pipeline.errors import ConfigError, StoreError
-from pipeline.train_student import TrainStudentConfig, prepare, run_train_student
+from pipeline.core.config import from_params
+from pipeline.core.errors import ConfigError, StoreError
+from pipeline.student.train_student import TrainStudentConfig, prepare, run_train_student
 from tests.conftest import REPO, make_teacher
 from tests.store_fixtures import V, build_store, make_attrs, make_data, make_tokenized
 from tests.store_fixtures import make_tokenizer as make_wordlevel
@@ -109,7 +109,7 @@ def test_stored_and_live_runs_see_the_same_batches(env, tmp_path):
         TrainStudentConfig(**TINY, teacher="live"),
         **{**_prep(env, "sample"), "logits": None},
         teacher=env / "teacher",
-        block_rows=2,
+        chunk_sequences=2,
     )
     a, b = iter(stored.stream()), iter(live.stream())
     for _ in range(4):

@@ -1,0 +1,521 @@
+"""Per-token soft labels from a causal LM, without materialising (B, T, V) logits.
+
+The kernel splits a Hugging Face causal LM into its backbone (everything up to the final hidden
+states) and its linear output head, runs the backbone on a batch, then walks the B*T positions in
+slices of `head_chunk_tokens` rows. Per slice, into scratch buffers reused across slices:
+
+    L = h @ W^T in fp32 (+ bias, * logit scale, softcap)   (R, Vp)  Vp = V padded to BLOCK
+    m = max_v L;  L -= m;  E = exp(L);  S = sum_v E         logprob_v = L_v - log S
+    entropy = log S - sum_v E*L / S;  top-1 probability = 1 / S
+
+then chooses k ids per position:
+
+- `topk`: the k largest logits. The row is cut into blocks of BLOCK ids; the k blocks with the
+  largest block maxima must hold every top-k id (each block outside them has k blocks whose
+  maxima rank above all of its elements), so `topk` runs on k*BLOCK candidates, not V.
+- `sample`: k draws with replacement by inverse CDF, two-level: a float64 cumulative sum over the
+  block sums picks a block, a cumulative sum inside that block picks the id. The uniforms come
+  from a CPU `torch.Generator` seeded per shard (`shard_generator`) and are drawn row by row in
+  shard order (`draw_uniforms`), so the draws depend on neither batch size, slice size, device
+  nor process: a resumed or distributed shard gets the same draws.
+
+Determinism: every reduction runs per row in one thread (a single long row, which torch would
+split across threads, is summed block-wise instead), so results do not depend on torch's thread
+count. They may depend, in the last bit, on the matmul shapes (batch and slice sizes), which are
+fixed by the config; hence batch_size and head_chunk_tokens are part of the resume key.
+
+Ids are stored in one canonical order, by descending logprob then ascending id (duplicates of a
+sampled id stay, adjacent). `tail` is log of the mass outside the *distinct* ids, summed without
+cancellation: untouched blocks' sums plus the touched blocks re-summed with the chosen ids zeroed;
+where that underflows (mass < 1e-30) it is recomputed exactly as logsumexp over the uncovered
+logits (-inf when every id is covered), once per batch for the few rows concerned.
+
+Trade-off: every statistic costs a few extra streaming passes over each (R, V) slice instead of
+one over a (B, T, V) tensor, so memory is ~3 x R x V x 4 bytes whatever the batch, and small
+slices stay cache-resident; the price is a per-slice kernel-launch overhead on GPUs (keep R large
+there) and an fp32 head (on CUDA a half-precision matmul with fp32 output when torch supports it,
+which computes the same products exactly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.core.errors import ConfigError, InputError
+from pipeline.store.format import METHODS
+
+FORMAT_VERSION = 1
+"""Version of how soft labels are computed (block sampling, ordering, tail); part of the
+resume key, so a change here never mixes shards computed two ways."""
+
+BLOCK = 64
+"""Ids per block for the two-level top-k and sampling (block reductions are cheap at 64)."""
+_PAD_LOGIT = -1e30
+"""Logit of padding columns (ids >= V): finite, so 0 * pad is 0 in the entropy sum."""
+SUB = 16
+"""Ids per sub-block in the second round of the top-k search."""
+_GRAIN = 32768
+"""torch's internal reduction grain (see `_rowsum`)."""
+_TINY = 1e-30
+"""Below this uncovered mass (relative to the max id's), `tail` is recomputed in log space."""
+
+
+@dataclass(frozen=True)
+class SoftLabels:
+    """Soft labels of a batch, on the compute device. Leading dims (B, T) or (N,)."""
+
+    ids: torch.Tensor
+    """(..., k) int32: stored ids, by descending logprob then ascending id."""
+    logprobs: torch.Tensor
+    """(..., k) float16: teacher log-probabilities of `ids` (temperature 1)."""
+    tail: torch.Tensor
+    """(...,) float16: log of the mass outside the distinct `ids` (-inf if none is left)."""
+    covered: torch.Tensor
+    """(...,) float32: probability mass of the distinct `ids`."""
+    entropy: torch.Tensor
+    """(...,) float32: teacher entropy in nats."""
+    top1: torch.Tensor
+    """(...,) float32: probability of the most likely id."""
+
+    def reshape(self, *lead: int) -> SoftLabels:
+        k = self.ids.shape[-1]
+        return SoftLabels(
+            self.ids.reshape(*lead, k),
+            self.logprobs.reshape(*lead, k),
+            *(getattr(self, f).reshape(*lead) for f in ("tail", "covered", "entropy", "top1")),
+        )
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """A causal LM as backbone + linear head + the logit transforms its forward applies."""
+
+    backbone: nn.Module
+    head: nn.Linear
+    scale: float
+    """Multiplier on the head's output (Cohere `logit_scale`, 1 / Granite `logits_scaling`)."""
+    softcap: float | None
+    """`final_logit_softcapping` (Gemma 2/3): logits = c * tanh(logits / c)."""
+
+
+def split_causal_lm(model: nn.Module) -> SplitModel:
+    """Split a `transformers` causal LM into backbone and output head, or raise InputError.
+
+    Generic across HF causal LMs: the backbone is `model.get_decoder()` (else
+    `model.base_model`), the head `model.get_output_embeddings()`, which must be an `nn.Linear`.
+    `check_split` then proves the split reproduces `model(...).logits`.
+    """
+    name = type(model).__name__
+    backbone = None
+    try:
+        backbone = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        backbone = None
+    if backbone is None or backbone is model:
+        base = getattr(model, "base_model", None)
+        backbone = base if base is not None and base is not model else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if backbone is None or not isinstance(head, nn.Linear):
+        raise InputError(
+            f"{name}: cannot split this model into a backbone and a linear output head "
+            "(get_decoder()/base_model and get_output_embeddings() must exist); teacher_logits "
+            "supports Hugging Face *ForCausalLM models"
+        )
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    scale = 1.0
+    if getattr(config, "logit_scale", None):  # Cohere: logits * logit_scale
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return SplitModel(backbone, head, scale, float(softcap) if softcap else None)
+
+
+def hidden_states(split: SplitModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (B, T, H) of the backbone, in the model's dtype."""
+    out = split.backbone(input_ids=input_ids, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def shard_seed(seed: int, split: str, shard: int) -> int:
+    """64-bit seed of one shard's sampling stream, from the stage seed and the shard's name."""
+    digest = hashlib.sha256(f"softlabels:sample:{seed}:{split}:{shard}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def shard_generator(seed: int, split: str, shard: int) -> torch.Generator:
+    """A CPU generator for one shard: the same draws in any process, on any device."""
+    return torch.Generator(device="cpu").manual_seed(shard_seed(seed, split, shard))
+
+
+def draw_uniforms(generator: torch.Generator, rows: int, k: int) -> torch.Tensor:
+    """(rows, k) float64 uniforms in [0, 1), the next `rows` rows of the shard's stream.
+
+    CPU `torch.rand` consumes its generator one value at a time, so drawing rows in batches of
+    any size yields the same stream as drawing them all at once.
+    """
+    return torch.rand((rows, k), generator=generator, dtype=torch.float64)
+
+
+class SoftLabelKernel:
+    """A teacher turned into a soft-label function: `kernel(input_ids, uniforms) -> SoftLabels`.
+
+    Holds the head weights (fp32, padded to a multiple of BLOCK rows), shared, and per-slice
+    scratch buffers, one set per calling thread, so several threads may use one kernel.
+    """
+
+    def __init__(self, model: nn.Module, *, method: str, k: int, head_chunk_tokens: int) -> None:
+        if method not in METHODS:
+            raise ConfigError(f"teacher_logits.method: must be one of {METHODS}, got {method!r}")
+        self.split = split_causal_lm(model)
+        weight = self.split.head.weight  # (V, H)
+        self.vocab_size, hidden = weight.shape
+        if not 1 <= k <= self.vocab_size:
+            raise ConfigError(
+                f"teacher_logits.k: must be between 1 and the teacher's vocabulary size "
+                f"{self.vocab_size}, got {k}"
+            )
+        if head_chunk_tokens < 1:
+            raise ConfigError(
+                f"teacher_logits.head_chunk_tokens: must be >= 1, got {head_chunk_tokens}"
+            )
+        self.method, self.k, self.rows = method, k, head_chunk_tokens
+        self.device = weight.device
+        self.padded = math.ceil(self.vocab_size / BLOCK) * BLOCK
+        self.blocks = self.padded // BLOCK
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        self.out_dtype_mm = half and self.device.type == "cuda" and _mm_out_dtype_works(weight)
+        w_dtype = weight.dtype if self.out_dtype_mm else torch.float32
+        if self.padded == self.vocab_size and weight.dtype == w_dtype and self.split.scale == 1:
+            w = weight.detach()  # used as is: no copy of a large head
+        else:
+            w = torch.zeros(self.padded, hidden, dtype=w_dtype, device=self.device)
+            w[: self.vocab_size] = weight.detach().to(w_dtype)
+        bias = self.split.head.bias
+        self.bias = None if bias is None else bias.detach().float()
+        if self.split.scale != 1.0:
+            if self.out_dtype_mm:  # keep the half weight exact; scale the fp32 logits instead
+                self.post_scale = self.split.scale
+            else:
+                w.mul_(self.split.scale)
+                self.post_scale = 1.0
+            if self.bias is not None:
+                self.bias = self.bias * self.split.scale
+        else:
+            self.post_scale = 1.0
+        self.weight = w  # (Vp, H)
+        self._local = threading.local()  # per-thread scratch buffers
+
+    # -- public -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, uniforms: torch.Tensor | None) -> SoftLabels:
+        """Soft labels for `input_ids` (B, T) on the model's device; `uniforms` (B*T, k) float64
+        (CPU) for `sample`, None for `topk`. Returns (B, T, ...) tensors on the device."""
+        b, t = input_ids.shape
+        return self.from_hidden(self.hidden(input_ids), uniforms).reshape(b, t)
+
+    @torch.inference_mode()
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The backbone's final hidden states of `input_ids` (B, T), flattened to (B*T, H)."""
+        if self.device.type == "cuda":
+            input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
+        hidden = hidden_states(self.split, input_ids.to(self.device))  # (B, T, H)
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    @torch.inference_mode()
+    def from_hidden(self, hidden: torch.Tensor, uniforms: torch.Tensor | None) -> SoftLabels:
+        """Soft labels of N rows of final hidden states (N, H), slice by slice. Returns (N, ...)."""
+        n, k, dev = hidden.shape[0], self.k, self.device
+        if self.method == "sample" and (uniforms is None or tuple(uniforms.shape) != (n, k)):
+            raise ValueError(f"sample needs uniforms of shape {(n, k)}")
+        out = SoftLabels(
+            torch.empty(n, k, dtype=torch.int32, device=dev),
+            torch.empty(n, k, dtype=torch.float16, device=dev),
+            torch.empty(n, dtype=torch.float16, device=dev),
+            *(torch.empty(n, dtype=torch.float32, device=dev) for _ in range(3)),
+        )
+        tinies = []
+        for s in range(0, n, self.rows):
+            e = min(s + self.rows, n)
+            u = None
+            if uniforms is not None:
+                u = uniforms[s:e]
+                if dev.type == "cuda":
+                    u = u.pin_memory().to(dev, non_blocking=True)
+            ids, lp, tail, covered, entropy, top1, tiny = self._slice(hidden[s:e], u)
+            tinies.append(tiny)
+            out.ids[s:e] = ids
+            out.logprobs[s:e] = lp
+            out.tail[s:e] = tail
+            out.covered[s:e] = covered
+            out.entropy[s:e] = entropy
+            out.top1[s:e] = top1
+        tiny = torch.cat(tinies) if tinies else torch.zeros(0, dtype=torch.bool, device=dev)
+        if bool(tiny.any()):  # one host sync per call; such rows are rare
+            rows = tiny.nonzero().squeeze(-1)
+            exact = self._exact_tail(hidden[rows], out.ids[rows].long())
+            out.tail[rows] = exact.to(torch.float16)
+        return out
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (N, V) of a few rows through the same head path (for `check_split`)."""
+        out = torch.empty(hidden.shape[0], self.padded, device=self.device)
+        return self._logits(hidden, out)[:, : self.vocab_size].clone()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _buffer(self, name: str, rows: int) -> torch.Tensor:
+        scratch = self._local.__dict__
+        buf = scratch.get(name)
+        if buf is None or buf.shape[0] < rows:
+            buf = torch.empty(max(rows, self.rows), self.padded, device=self.device)
+            scratch[name] = buf
+        return buf[:rows]  # first rows of a row-major buffer: contiguous
+
+    def _logits(self, h: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Head output (R, Vp) in fp32 (into `out` when given), with the model's logit
+        transforms applied."""
+        if self.out_dtype_mm:  # half inputs, fp32 accumulation and output (CUDA)
+            out = torch.mm(h.to(self.weight.dtype), self.weight.t(), out_dtype=torch.float32)
+        else:
+            out = torch.mm(h.float(), self.weight.t(), out=out)
+        if self.bias is not None:
+            out[:, : self.vocab_size].add_(self.bias)
+        if self.post_scale != 1.0:
+            out.mul_(self.post_scale)
+        if self.split.softcap is not None:
+            c = self.split.softcap
+            out.div_(c).tanh_().mul_(c)
+        if self.padded > self.vocab_size:
+            out[:, self.vocab_size :] = _PAD_LOGIT
+        return out
+
+    def _slice(self, h: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """ids, logprobs, tail, covered, entropy, top1 of R rows, and which rows' tail
+        underflowed (see `from_hidden`)."""
+        r, nb = h.shape[0], self.blocks
+        scratch = None if self.out_dtype_mm else self._buffer("logits", r)
+        L = self._logits(h, scratch)  # (R, Vp) fp32
+        if self.method == "topk":
+            block_max = L.view(r, nb, BLOCK).amax(-1)  # (R, nb)
+            m = block_max.amax(-1, keepdim=True)  # (R, 1)
+        else:
+            m = L.amax(-1, keepdim=True)  # (R, 1)
+        L.sub_(m)  # shifted logits, max 0
+        E = torch.exp(L, out=self._buffer("exp", r))  # (R, Vp) in [0, 1]
+        block_sum = E.view(r, nb, BLOCK).sum(-1)  # (R, nb)
+        cdf = block_sum.double().cumsum(-1)  # (R, nb) float64
+        total = cdf[:, -1]  # (R,) = S >= 1
+        log_total = total.log()  # (R,) float64
+        el = _rowsum(torch.mul(E, L, out=self._buffer("scratch", r)))  # (R,) sum_v E*L
+        entropy = (log_total - el.double() / total).float()
+        top1 = total.reciprocal().float()
+        # (R, k) int64 ids
+        ids = self._topk(L, block_max) if self.method == "topk" else self._sample(E, cdf, u)
+        # canonical order: ascending id, then (stable) descending logprob
+        ids = ids.sort(-1).values  # (R, k) int64
+        blk = ids // BLOCK  # (R, k) ascending: the blocks holding the chosen ids
+        lp = (L.gather(-1, ids).double() - log_total[:, None]).float()  # (R, k)
+        lp, order = lp.sort(dim=-1, descending=True, stable=True)
+        ids = ids.gather(-1, order)
+        distinct = torch.ones_like(ids, dtype=torch.bool)
+        distinct[:, 1:] = ids[:, 1:] != ids[:, :-1]  # duplicates are adjacent
+        covered_e = _rowsum((E.gather(-1, ids) * distinct).double())  # (R,)
+        uncovered = self._uncovered(E, block_sum, ids, blk)  # (R,) float64, E is clobbered
+        tail = uncovered.log() - log_total
+        tiny = uncovered < _TINY  # underflow in E: redone exactly by `from_hidden`
+        return (
+            ids.to(torch.int32),
+            lp.to(torch.float16),
+            tail.to(torch.float16),
+            (covered_e / total).float(),
+            entropy,
+            top1,
+            tiny,
+        )
+
+    def _exact_tail(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """log of the mass outside `ids` (r, k) as logsumexp over the uncovered logits minus
+        logsumexp over all, for rows whose fast tail underflowed (r, H) -> (r,) float64."""
+        L = self._logits(hidden, None)[:, : self.vocab_size]  # (r, V)
+        log_total = _logsumexp(L).double()
+        L.scatter_(-1, ids, -math.inf)
+        return _logsumexp(L).double() - log_total
+
+    def _topk(self, L: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor:
+        """Ids of the k largest logits per row (R, k) int64, searched in two rounds: the k blocks
+        with the largest maxima, then the k sub-blocks (of SUB ids) with the largest maxima
+        inside those, then top-k among k * SUB candidates."""
+        r, nb = block_max.shape
+        kb = min(self.k, nb)
+        blocks = block_max.topk(kb, -1).indices.sort(-1).values  # (R, kb) ascending
+        per = BLOCK // SUB
+        sub = _blocks(L, blocks).view(r, kb * per, SUB)  # (R, kb*per, SUB) in id order
+        ks = min(self.k, kb * per)
+        subs = sub.amax(-1).topk(ks, -1).indices.sort(-1).values  # (R, ks) ascending
+        rows = torch.arange(r, device=L.device)[:, None] * (kb * per)
+        cand = sub.reshape(-1, SUB).index_select(0, (rows + subs).reshape(-1)).view(r, ks * SUB)
+        pos = cand.topk(self.k, -1).indices  # (R, k)
+        s = subs.gather(-1, pos // SUB)  # (R, k) sub-block within the gathered blocks
+        return blocks.gather(-1, s // per) * BLOCK + (s % per) * SUB + pos % SUB
+
+    def _sample(self, E: torch.Tensor, cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """k inverse-CDF draws per row (R, k) int64 from unnormalised probabilities E."""
+        r, nb = cdf.shape
+        total = cdf[:, -1:]  # (R, 1)
+        x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # (R, k)
+        blk = torch.searchsorted(cdf, x, right=True)  # (R, k): cdf[blk-1] <= x < cdf[blk]
+        base = F.pad(cdf, (1, 0)).gather(-1, blk)  # cdf[blk-1], 0 for the first block
+        rest = (x - base).float()[..., None]  # (R, k, 1) mass to walk inside the block
+        inner = _blocks(E, blk).cumsum(-1)  # (R, k, BLOCK)
+        last = inner[..., -1:]
+        rest = torch.minimum(rest, torch.nextafter(last, torch.zeros_like(last)))
+        pos = torch.searchsorted(inner, rest, right=True).squeeze(-1)  # (R, k)
+        return blk * BLOCK + pos
+
+    def _uncovered(
+        self, E: torch.Tensor, block_sum: torch.Tensor, ids: torch.Tensor, blk: torch.Tensor
+    ) -> torch.Tensor:
+        """Mass (unnormalised, float64) outside the distinct ids, as a sum of non-negative terms:
+        the blocks holding no chosen id plus the chosen ids' blocks re-summed without them.
+        `blk` (R, k): the ids' blocks in ascending order."""
+        E.scatter_(-1, ids, 0.0)
+        first = torch.ones_like(blk, dtype=torch.bool)
+        first[:, 1:] = blk[:, 1:] != blk[:, :-1]
+        touched = (_blocks(E, blk).sum(-1) * first).double().sum(-1)  # (R,)
+        untouched = _rowsum(block_sum.scatter(-1, blk, 0.0).double())  # (R,)
+        return touched + untouched
+
+
+def _rowsum(x: torch.Tensor) -> torch.Tensor:
+    """Row sums (R, n) -> (R,) computed the same way whatever torch's thread count: torch splits
+    a reduction with a single output over threads once it exceeds its grain (32768 elements),
+    so a single long row is summed per block of BLOCK first."""
+    r, n = x.shape
+    if r > 1 or n < _GRAIN:
+        return x.sum(-1)
+    return F.pad(x, (0, (-n) % BLOCK)).view(1, -1, BLOCK).sum(-1).sum(-1)
+
+
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise logsumexp (R, n) -> (R,), -inf for all -inf rows; thread-count independent."""
+    m = x.amax(-1, keepdim=True)  # exact in any order
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return _rowsum(torch.exp(x - m)).log() + m[:, 0]
+
+
+def _blocks(x: torch.Tensor, blk: torch.Tensor) -> torch.Tensor:
+    """Blocks `blk` (R, j) of each row of x (R, Vp), as (R, j, BLOCK): one contiguous copy per
+    block (index_select on whole blocks is several times faster than an elementwise gather)."""
+    r, j = blk.shape
+    nb = x.shape[1] // BLOCK
+    rows = torch.arange(r, device=x.device)[:, None] * nb  # (R, 1)
+    return x.view(r * nb, BLOCK).index_select(0, (rows + blk).reshape(-1)).view(r, j, BLOCK)
+
+
+def _mm_out_dtype_works(weight: torch.Tensor) -> bool:
+    """Whether this torch build multiplies half matrices into fp32 output on weight's device."""
+    try:
+        a = torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        return torch.mm(a, weight[:2].t(), out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def check_split(model: nn.Module, kernel: SoftLabelKernel, *, tokens: int = 8) -> None:
+    """Prove that backbone + head reproduces `model(input_ids).logits` on a short probe.
+
+    Catches architectures that post-process logits in a way `split_causal_lm` does not know
+    (the relative tolerance covers half-precision rounding, not a missing transform).
+    """
+    n = min(tokens, kernel.vocab_size)
+    probe = (torch.arange(n, device=kernel.device) * 7919 % kernel.vocab_size)[None]  # (1, n)
+    with torch.inference_mode():
+        ref = model(input_ids=probe, use_cache=False).logits.float()[0]  # (n, V)
+        ours = kernel.logits(hidden_states(kernel.split, probe)[0])  # (n, V)
+    half = kernel.weight.dtype != torch.float32 or ref.dtype != torch.float32
+    half = half or next(model.parameters()).dtype != torch.float32
+    tol = (3e-2 if half else 1e-3) * max(1.0, float(ref.abs().max()))
+    diff = float((ref - ours).abs().max()) if ref.shape == ours.shape else math.inf
+    if not diff <= tol:
+        raise InputError(
+            f"{type(model).__name__}: backbone + output head do not reproduce the model's logits "
+            f"(max difference {diff:.3g} > {tol:.3g}); this architecture transforms its logits in "
+            "a way teacher_logits does not support"
+        )
+
+
+class Fidelity:
+    """Per-language sums of tokens, covered mass, entropy and top-1 probability.
+
+    Sums are float64 and accumulated per sequence in row order (`add`), so the totals depend only
+    on the data, not on batch sizes or on which process computed a shard.
+    """
+
+    FIELDS = ("covered", "entropy", "top1")
+
+    def __init__(self, sums: dict[str, list[float]] | None = None) -> None:
+        self.sums: dict[str, list[float]] = {k: list(v) for k, v in (sums or {}).items()}
+
+    def add(
+        self, names: list[str], codes: np.ndarray, per_sequence: np.ndarray, seq_len: int
+    ) -> None:
+        """Add n sequences: row i's language is `names[codes[i]]`; `per_sequence` (n, 3) float64
+        holds each row's sums over its `seq_len` positions of covered, entropy, top1."""
+        codes = np.asarray(codes, dtype=np.int64)
+        m = len(names)
+        counts = np.bincount(codes, minlength=m)
+        sums = [np.bincount(codes, per_sequence[:, j], m) for j in range(3)]
+        for c, lang in enumerate(names):
+            if not counts[c]:
+                continue
+            acc = self.sums.setdefault(str(lang), [0.0, 0.0, 0.0, 0.0])
+            acc[0] += float(counts[c] * seq_len)
+            for j in range(3):
+                acc[1 + j] += float(sums[j][c])
+
+    def merge(self, other: Fidelity) -> None:
+        for lang, v in other.sums.items():
+            acc = self.sums.setdefault(lang, [0.0, 0.0, 0.0, 0.0])
+            for j in range(4):
+                acc[j] += v[j]
+
+    def report(self) -> dict[str, Any]:
+        """{"overall": {...}, "per_language": {lang: {...}}} with means per token."""
+
+        def means(v: list[float]) -> dict[str, Any]:
+            n = v[0]
+            return {
+                "tokens": int(n),
+                "covered_mass": v[1] / n if n else None,
+                "entropy": v[2] / n if n else None,
+                "top1_prob": v[3] / n if n else None,
+            }
+
+        total = [0.0, 0.0, 0.0, 0.0]
+        for lang in sorted(self.sums):
+            for j in range(4):
+                total[j] += self.sums[lang][j]
+        return {
+            "overall": means(total),
+            "per_language": {lang: means(self.sums[lang]) for lang in sorted(self.sums)},
+        }
+
+
+def per_sequence_stats(covered: np.ndarray, entropy: np.ndarray, top1: np.ndarray) -> np.ndarray:
+    """(n, 3) float64 per-row sums over positions of (n, L) float32 statistics."""
+    return np.stack([a.astype(np.float64).sum(axis=1) for a in (covered, entropy, top1)], axis=1)

@@ -1,0 +1,334 @@
+"""The `teacher_logits` stage: tokenized rows -> teacher soft labels in a sharded Zarr store.
+
+Steps: read the teacher's provenance and the tokenized splits (`pipeline.data.tokenized`); check
+them against each other and against `k` before any work; derive the resume key; create (or
+reopen) the store in `<work_dir>/<key>/` (`pipeline.store.work`, shared with `classify_logits`); skip every shard whose record's checksums still match
+its files on disk; compute the rest in-process (`pipeline.capture.shards.ShardRunner`) or on Dask
+(`pipeline.capture.dask_runner`); finalize (every checksum verified again, `complete` set);
+write the fidelity metrics; move the store into `out` (one rename on the same filesystem) and
+delete the work folder.
+
+Resume key: sha256 over everything that determines the bytes of the store: the teacher's
+provenance sha256, each split's n, seq_len and input-id fingerprint, method, k, seed,
+chunk_sequences, shard_chunks, batch_size, head_chunk_tokens, the resolved device type and
+dtype, the kernel and store format versions, and the torch and transformers versions. Work
+started under another key is never mixed in. Trade-off: changing batch_size (or upgrading torch)
+restarts from scratch, because either may change floating-point results in the last bit.
+
+The output appears only complete: DVC tracks `out`, which is replaced in one rename after
+verification; a run killed at any moment leaves `out` as it was and its finished shards in the
+work folder for the next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.capture.dask_runner import DaskConfig, run_on_dask  # distributed: imported lazily
+from pipeline.capture.kernel import FORMAT_VERSION, Fidelity
+from pipeline.capture.shards import (
+    CPU_STREAMS,
+    Job,
+    ShardRunner,
+    build_kernel,
+    load_teacher,
+)
+from pipeline.core.config import require
+from pipeline.core.device import resolve_device
+from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.provenance import read_provenance, write_json
+from pipeline.data.tokenized import SPLITS, TokenizedData, load_tokenized
+from pipeline.store.format import (
+    ARRAYS,
+    Method,
+    SplitSpec,
+    StoreSpec,
+    finalize_store,
+)
+from pipeline.store.format import FORMAT_VERSION as STORE_FORMAT_VERSION
+from pipeline.store.work import (
+    dir_bytes,
+    finished_records,
+    keep_finished_shards,
+    key_digest,
+    move_into_place,
+    open_work_store,
+    pending_shards,
+    remove_partials,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeacherLogitsConfig:
+    """Params section `teacher_logits`: how the teacher's soft labels are computed and stored."""
+
+    method: Method = "sample"
+    """How ids are chosen per position: the k most probable ids, or k draws with replacement
+    from the teacher's distribution (unbiased; duplicates kept)."""
+    k: int = 32
+    """Stored (id, logprob) pairs per position; 1 <= k <= the teacher's vocabulary size."""
+    seed: int = 0
+    """Seed of the sampling draws (each shard derives its own stream from it)."""
+    batch_size: int = 32
+    """Sequences per forward pass (halved automatically after a CUDA out-of-memory error)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the teacher runs; auto picks CUDA when available."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Teacher weights/activations dtype; auto = float32 on CPU, bfloat16 on CUDA (float16 if
+    the GPU lacks bfloat16). float16 is refused on CPU. The output head is always fp32."""
+    chunk_sequences: int = 64
+    """Sequences per Zarr chunk (the unit a reader decompresses)."""
+    shard_chunks: int = 128
+    """Chunks per shard file (the unit of work, writing and resume)."""
+    head_chunk_tokens: int = 1024
+    """Positions per slice of the output head: memory ~ 3 x this x vocab x 4 bytes."""
+    dask: DaskConfig = field(default_factory=DaskConfig)
+    """Distributed execution (see teacher_logits.dask.*)."""
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, "teacher_logits.k", f"must be >= 1, got {self.k}")
+        for key in ("batch_size", "chunk_sequences", "shard_chunks", "head_chunk_tokens"):
+            value = getattr(self, key)
+            require(value >= 1, f"teacher_logits.{key}", f"must be >= 1, got {value}")
+
+
+# -- checks and identities --------------------------------------------------------------------
+
+
+def check_k(cfg: TeacherLogitsConfig, prov: dict[str, Any], teacher: Path) -> None:
+    """k must be within the teacher's vocabulary (read from its provenance, before loading)."""
+    vocab = int(prov["vocab_size"])
+    if not 1 <= cfg.k <= vocab:
+        raise ConfigError(
+            f"teacher_logits.k: must be between 1 and the teacher's vocabulary size {vocab} "
+            f"({teacher / 'provenance.json'}), got {cfg.k}"
+        )
+
+
+def check_inputs(
+    cfg: TeacherLogitsConfig,
+    prov: dict[str, Any],
+    data: TokenizedData,
+    *,
+    teacher: Path,
+) -> None:
+    """Refuse, before any work, a k outside the vocabulary or data the teacher cannot read."""
+    check_k(cfg, prov, teacher)
+    vocab = int(prov["vocab_size"])
+    prov_file = teacher / "provenance.json"
+    tok_vocab = int(prov.get("tokenizer", {}).get("vocab_size", vocab))
+    context = prov.get("max_position_embeddings")
+    for split, d in data.splits.items():
+        ids = d.input_ids
+        if ids.size == 0:
+            continue
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                f"{data.path}: split '{split}' has token id {bad}, outside the teacher's "
+                f"vocabulary [0, {vocab}) ({prov_file}); the data was tokenized with another "
+                "tokenizer: re-run `dvc repro tokenize` with this teacher"
+            )
+        if hi >= tok_vocab:
+            raise InputError(
+                f"{data.path}: split '{split}' has token id {hi}, outside the teacher "
+                f"tokenizer's {tok_vocab} ids ({prov_file}); the data was tokenized with another "
+                "tokenizer: re-run `dvc repro tokenize` with this teacher"
+            )
+        if context is not None and ids.shape[1] > int(context):
+            raise InputError(
+                f"{data.path}: split '{split}' has rows of {ids.shape[1]} tokens, longer "
+                f"than the teacher's context ({context}, {prov_file}); re-tokenize with "
+                f"tokenize.seq_len <= {context}"
+            )
+
+
+def store_attrs(
+    cfg: TeacherLogitsConfig, prov: dict[str, Any], fingerprints: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The provenance attributes of the store (see store.REQUIRED_ATTRS)."""
+    return {
+        "teacher": {key: prov[key] for key in ("name", "revision", "sha256", "architecture")}
+        | {"vocab_size": int(prov["vocab_size"])},
+        "tokenizer": {key: prov["tokenizer"][key] for key in ("sha256", "vocab_size", "eos_id")},
+        "dataset": {"splits": fingerprints},
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "temperature": 1.0,
+    }
+
+
+def work_key(
+    cfg: TeacherLogitsConfig,
+    prov: dict[str, Any],
+    fingerprints: dict[str, dict[str, Any]],
+    device: str,
+    dtype: str,
+) -> dict[str, Any]:
+    """Everything that determines the store's bytes (module docstring), as plain data."""
+    import torch
+    import transformers
+
+    return {
+        "softlabels_format": FORMAT_VERSION,
+        "store_format": STORE_FORMAT_VERSION,
+        "teacher_sha256": prov["sha256"],
+        "splits": fingerprints,
+        "method": cfg.method,
+        "k": cfg.k,
+        "seed": cfg.seed,
+        "chunk_sequences": cfg.chunk_sequences,
+        "shard_chunks": cfg.shard_chunks,
+        "batch_size": cfg.batch_size,
+        "head_chunk_tokens": cfg.head_chunk_tokens,
+        "device": device,
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def run_teacher_logits(
+    cfg: TeacherLogitsConfig,
+    *,
+    teacher: str | Path,
+    tokenized: str | Path,
+    out: str | Path,
+    metrics: str | Path,
+    work_dir: str | Path,
+) -> dict[str, Any]:
+    """Run the stage (module docstring); return the metrics written to `metrics`."""
+    teacher, out = Path(teacher), Path(out)
+    prov = read_provenance(teacher)
+    check_k(cfg, prov, teacher)  # before reading the data
+    device, dtype = resolve_device(cfg.device, cfg.dtype, section="teacher_logits")
+    data = load_tokenized(tokenized)
+    check_inputs(cfg, prov, data, teacher=teacher)
+    ids_fps = data.fingerprints()
+    fingerprints = {
+        s: {"n": len(d), "seq_len": d.seq_len, "fingerprint": ids_fps[s]}
+        for s, d in data.splits.items()
+    }
+    spec = StoreSpec(
+        tuple(SplitSpec(s, f["n"], f["seq_len"]) for s, f in fingerprints.items()),
+        cfg.k,
+        cfg.chunk_sequences,
+        cfg.shard_chunks,
+    )
+    key = work_key(cfg, prov, fingerprints, device, dtype)
+    kdir = Path(work_dir) / key_digest(key)
+    store, records = kdir / out.name, kdir / "shards"
+    job = Job(
+        teacher=str(teacher),
+        tokenized=str(data.path),
+        store=str(store),
+        records=str(records),
+        spec=spec,
+        method=cfg.method,
+        k=cfg.k,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        head_chunk_tokens=cfg.head_chunk_tokens,
+        device=device,
+        dtype=dtype,
+    )
+    with keep_finished_shards(kdir, records, spec, "teacher_logits"):
+        open_work_store(kdir, store, spec, store_attrs(cfg, prov, fingerprints), key)
+        pending = pending_shards(store, records, spec)
+        _compute(cfg, job, data, pending)
+        recs = finished_records(store, records, spec)
+        checksums = {k: v for r in recs for k, v in r["checksums"].items()}
+        fidelity = Fidelity()
+        for rec in recs:
+            fidelity.merge(Fidelity(rec["fidelity"]))
+        remove_partials(store)
+        finalize_store(store, checksums)  # re-hashes every shard file against the records
+        result = _metrics(cfg, spec, store, fidelity, device, dtype)
+        move_into_place(store, out)
+        write_json(metrics, result)  # only once the store it describes is in place
+    shutil.rmtree(kdir, ignore_errors=True)
+    log.info("wrote %s (%d tokens)", out, result["tokens"])
+    return result
+
+
+def _compute(
+    cfg: TeacherLogitsConfig,
+    job: Job,
+    data: TokenizedData,
+    pending: list[tuple[str, int]],
+) -> None:
+    """Compute and record every pending shard, with a progress bar over tokens."""
+    from tqdm.auto import tqdm
+
+    spec = job.spec
+    tokens = {
+        (s, i): (b - a) * spec.split(s).seq_len
+        for s in SPLITS
+        if s in spec.split_names()
+        for i, (a, b) in enumerate(spec.shards(s))
+    }
+    total = sum(tokens.values())
+    todo = sum(tokens[p] for p in pending)
+    if not pending:
+        return
+    started = time.perf_counter()
+    with tqdm(
+        total=total, initial=total - todo, unit="tok", unit_scale=True, desc="teacher_logits"
+    ) as bar:
+        if cfg.dask.enabled:
+            run_on_dask(job, pending, cfg.dask, bar.update)
+        else:
+            import torch
+
+            model = load_teacher(job.teacher, job.device, job.dtype)
+            kernel = build_kernel(model, job)
+            streams = CPU_STREAMS if torch.get_num_threads() >= CPU_STREAMS else 1
+            runner = ShardRunner(kernel, job, data, progress=bar.update, streams=streams)
+            runner.run(pending)
+    seconds = time.perf_counter() - started
+    log.info("computed %d tokens in %.1f s (%.0f tokens/s)", todo, seconds, todo / seconds)
+
+
+def _metrics(
+    cfg: TeacherLogitsConfig,
+    spec: StoreSpec,
+    store: Path,
+    fidelity: Fidelity,
+    device: str,
+    dtype: str,
+) -> dict[str, Any]:
+    """Fidelity per language and overall, and storage cost (deterministic for a given store)."""
+    tokens = sum(s.n * s.seq_len for s in spec.splits)
+    entries = tokens * spec.k
+    total = dir_bytes(store)
+    pair_bytes = sum(
+        dir_bytes(store / s.name / a)
+        for s in spec.splits
+        for a in ARRAYS
+        if a in ("ids", "logprobs")
+    )
+    return {
+        "method": cfg.method,
+        "k": cfg.k,
+        "device": device,
+        "dtype": dtype,
+        "tokens": tokens,
+        **fidelity.report(),
+        "storage": {
+            "bytes": total,
+            "bytes_per_token": total / tokens if tokens else None,
+            "bytes_per_entry": pair_bytes / entries if entries else None,
+            "raw_bytes_per_entry": 6,
+        },
+    }

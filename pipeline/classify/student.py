@@ -1,0 +1,737 @@
+"""The `classify_student` stage: a small sequence classifier distilled from a classification store.
+
+The student is a `LlamaForSequenceClassification` sized by params, with the classification
+teacher's tokenizer (its vocabulary and pad token) and one output per label. It never loads the
+teacher's weights for distillation: the teacher's class distributions come from the store
+(`pipeline.classify.store`), matched to the corpus row by row. Loss per batch
+(`pipeline.student.losses.classification_kd_loss`):
+
+    alpha * CE(gold) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
+
+Three knobs decide what the student learns from, and so which variant it is:
+
+- `alpha`: the weight of the gold term; 1 trains on gold labels only (no soft label is read).
+- `gold_languages`: whose gold labels the CE term (and model selection) may use: `labeled`, the
+  corpus's `labeled_languages` (the transfer setting), or `all` (every language that has gold
+  labels: a supervised reference, not transfer).
+- `rows`: which training rows are sampled: `all` rows of every language (the KD term reaches
+  every language), or `gold`, only rows with a usable gold label.
+
+The default variants (params `classify_students`): `kd` (alpha < 1, labeled, all rows: gold on
+the labeled languages plus the teacher's soft labels on every row of every language), `ce`
+(alpha 1, labeled, gold rows: the zero-shot baseline, trained on the labeled languages' rows
+only, so its whole step budget goes to the labeled data), and `gold` (alpha 1, all, all rows:
+what gold labels in every language would give).
+
+Model selection uses dev only, and only the targets the student trains on: every `eval_every`
+steps and at the end the student is scored on its *dev targets*, the gold label where the CE term
+may use it (`gold_languages`) and, when soft labels are trained on (alpha < 1), the teacher's
+most probable class (the store's dev split) on every other row; the best weights (the first on
+ties) are the ones written. So a transfer student is never selected with gold labels of the
+languages it is meant to reach without them, and it is selected on every language it learns,
+not on the 99 dev rows of one labeled language (measured with a stand-in teacher: those kept
+an early step 10 points worse on the other languages). Accuracy against the gold labels of
+every language is logged too, for the curves and the metrics, never for selection. Test is not
+read.
+
+Resume, curves and output follow `train_student`: a checkpoint (weights, optimizer, schedule,
+RNG, curves, best weights so far) every `checkpoint_every` steps in `<checkpoints>/<key>/`,
+keyed by everything that determines the weights, so another config never resumes from it;
+the batch order is a pure function of (seed, step) (`pipeline.classify.student_data`), so a
+resumed CPU run ends with exactly the weights of an uninterrupted one. The output folder
+(save_pretrained + tokenizer + `softlabels.json`) appears all at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+import pipeline
+from pipeline.classify.corpus import ClassifyCorpusConfig, LabeledCorpus, read_labeled_corpus
+from pipeline.classify.inference import class_logprobs, encode, ensure_pad
+from pipeline.classify.store import check_class_store
+from pipeline.classify.student_data import TrainingSet, read_soft_labels
+from pipeline.core.atomic import atomic_dir
+from pipeline.core.config import require, to_dict
+from pipeline.core.curves import Curves
+from pipeline.core.device import resolve_device
+from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.provenance import (
+    PROVENANCE_FILE,
+    files_sha256,
+    read_provenance,
+    tokenizer_identity,
+    write_json,
+)
+from pipeline.modeling.llama import check_llama_sizes, llama_config
+from pipeline.modeling.optim import adamw_with_schedule, check_optimizer_params
+from pipeline.store.verify import abbreviate, content_sha256
+from pipeline.student import checkpoint as ckpt
+from pipeline.student import model as sm
+from pipeline.student.losses import classification_kd_loss
+
+log = logging.getLogger(__name__)
+
+SECTION = "classify_student"
+"""The params section (variants: `classify_students.<name>` overrides its keys)."""
+RECORD_FILE = "softlabels.json"
+"""File in the student folder recording what it was trained from."""
+COSMETIC = ("checkpoint_every", "log_every", "eval_batch_size", "threads")
+"""Params that do not change the written weights (left out of the checkpoint key). Not
+`eval_every`: it decides which step's weights model selection keeps."""
+
+
+@dataclass(frozen=True)
+class ClassifyStudentConfig:
+    """Params section `classify_student`: the student, what it learns from, the budget."""
+
+    num_layers: int = 1
+    """Transformer blocks of the student."""
+    hidden_size: int = 64
+    """Model width (`init: teacher_layers` needs the teacher's)."""
+    num_heads: int = 2
+    """Attention heads; must divide hidden_size into an even head size."""
+    intermediate_size: int = 176
+    """SwiGLU feed-forward width."""
+    init: Literal["random", "teacher_layers"] = "random"
+    """`random` (seeded), or `teacher_layers`: copy the classification teacher's token
+    embeddings, final norm, every n-th layer and (same label count) its classification head;
+    needs the teacher's widths and --teacher."""
+    alpha: float = 0.1
+    """Loss = alpha * CE(gold) + (1 - alpha) * T^2 * KL(teacher_T || student_T). 1: gold labels
+    only (the store's soft labels are not read); 0: soft labels only. The weights are fixed per
+    batch, not renormalised by how many of its rows have gold labels. Measured on SIB-200: 0.1
+    transfers 8 points better than 0.5 (docs/classify-student.md)."""
+    temperature: float = 2.0
+    """Softmax temperature T of both sides of the KL term (scaled by T^2). > 1 shows the student
+    the teacher's ranking of the wrong classes (1, 2 and 4 measured within half a point at
+    alpha 0.1)."""
+    gold_languages: Literal["labeled", "all"] = "labeled"
+    """Whose gold labels the CE term and model selection use: `labeled` =
+    classify_corpus.labeled_languages (cross-lingual transfer), `all` = every language's (a
+    supervised reference)."""
+    rows: Literal["all", "gold"] = "all"
+    """Training rows sampled: `all` rows of every language, or `gold`, only rows whose gold
+    label the CE term uses (with alpha 1 and gold_languages labeled: the zero-shot baseline)."""
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Examples per step."""
+    learning_rate: float = 0.003
+    """Peak AdamW learning rate, after linear warmup, then cosine decay to zero."""
+    warmup_steps: int = 100
+    """Steps of linear learning-rate warmup."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not norms)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this."""
+    max_length: int = 64
+    """Tokens per example at most (longer texts are truncated on the right; the EOS the teacher's
+    tokenizer appends is kept). On SIB-200 64 truncates about half the sentences yet costs half
+    of 128 per step, for 1 point of dev accuracy less (docs/classify-student.md)."""
+    seed: int = 0
+    """Seed of the student's init and of the batch order."""
+    eval_every: int = 250
+    """Dev accuracy and model selection every this many steps and at the end; 0: at the end
+    only."""
+    eval_batch_size: int = 128
+    """Examples per forward pass when scoring dev."""
+    checkpoint_every: int = 250
+    """Save a resumable checkpoint every this many steps (0: never)."""
+    log_every: int = 25
+    """Log loss parts, learning rate and examples/s to dvclive every this many steps."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when available (bf16 autocast), else CPU (float32)."""
+    threads: int = 1
+    """CPU threads for torch; 0 keeps torch's default (all cores). A student this small gains
+    little from a second thread, and on cores shared with other jobs 2 threads ran 2.6x slower
+    than 1 (they wait for each other)."""
+
+    def __post_init__(self) -> None:
+        s = SECTION
+        check_llama_sizes(
+            s,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+        )
+        require(0.0 <= self.alpha <= 1.0, f"{s}.alpha", f"must be in [0, 1], got {self.alpha}")
+        require(self.temperature > 0, f"{s}.temperature", f"must be > 0, got {self.temperature}")
+        check_optimizer_params(
+            s,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+        )
+        for key in ("max_length", "eval_batch_size", "log_every"):
+            value = getattr(self, key)
+            require(value >= 1, f"{s}.{key}", f"must be >= 1, got {value}")
+        for key in ("eval_every", "checkpoint_every", "threads"):
+            value = getattr(self, key)
+            require(value >= 0, f"{s}.{key}", f"must be >= 0, got {value}")
+        require(
+            not (self.alpha == 0.0 and self.rows == "gold"),
+            f"{s}.rows",
+            "gold samples the rows with gold labels, but alpha 0 never uses them; use rows: all "
+            "(or alpha > 0)",
+        )
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """The classification teacher's tokenizer (only its tokenizer files are read)."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise InputError(f"{path}: tokenizer folder not found (run `dvc repro classify_teacher`)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot load a tokenizer: {e}") from e
+
+
+def build_student(
+    cfg: ClassifyStudentConfig,
+    tokenizer: Any,
+    labels: list[str],
+    *,
+    teacher: Path | None,
+) -> tuple[Any, list[int] | None]:
+    """A seeded `LlamaForSequenceClassification` (float32) with the tokenizer's vocabulary and
+    pad id and one output per label; with `init: teacher_layers`, initialised from the teacher
+    (returned: the teacher layer copied into each student layer)."""
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    vocab = len(tokenizer)
+    teacher_config = None
+    if cfg.init == "teacher_layers":
+        assert teacher is not None
+        teacher_config = AutoConfig.from_pretrained(teacher)
+        vocab = max(vocab, int(teacher_config.vocab_size))  # hub heads pad their vocabulary
+    limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
+    config = llama_config(
+        vocab_size=vocab,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        tie_embeddings=True,  # no LM head to tie: keeps the LM layer copy off the head
+        max_position_embeddings=max(cfg.max_length, limit if limit < 10**6 else 0),
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,  # None: ensure_pad gives it the EOS id below
+    )
+    config.architectures = ["LlamaForSequenceClassification"]
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    if teacher_config is not None:  # check widths before building anything
+        sm.check_layer_copy(config, teacher_config, section=SECTION)
+    torch.manual_seed(cfg.seed)
+    model = LlamaForSequenceClassification(config).float()
+    ensure_pad(model, tokenizer, str(getattr(tokenizer, "name_or_path", "the tokenizer")))
+    picked = None
+    if teacher_config is not None:
+        picked = sm.init_from_teacher(model, teacher, section=SECTION)
+    return model, picked
+
+
+# -- the loop body -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    ce: float
+    kd: float
+    gold_rows: int
+    lr: float
+    grad_norm: float
+
+
+class ClassifyTrainer:
+    """Optimizer, schedule, step and dev scoring of one classification student."""
+
+    def __init__(self, model: Any, cfg: ClassifyStudentConfig, device: torch.device) -> None:
+        self.model, self.cfg, self.device = model, cfg, device
+        self.optimizer, self.scheduler = adamw_with_schedule(
+            model,
+            learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps,
+            steps=cfg.steps,
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA; nothing on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, batch: dict[str, torch.Tensor]) -> StepResult:
+        """One optimisation step on a `TrainingSet.batch`."""
+        self.model.train()
+        b = {k: v.to(self.device) for k, v in batch.items()}
+        with self.autocast():
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        total, parts = classification_kd_loss(
+            logits.logits,  # (B, C)
+            b.get("teacher_logprobs"),  # (B, C) or None
+            b["gold"],  # (B,)
+            alpha=self.cfg.alpha,
+            temperature=self.cfg.temperature,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        return StepResult(
+            loss=float(total.detach()),
+            ce=float(parts["ce"]),
+            kd=float(parts["kd"]),
+            gold_rows=int(parts["gold_rows"]),
+            lr=float(lr),
+            grad_norm=float(norm),
+        )
+
+    def predict(self, tokenizer: Any, texts: list[str]) -> np.ndarray:
+        """(N,) int64 predicted class of each text, through `class_logprobs` (the function the
+        evaluate stage scores with, so the numbers agree)."""
+        lp = class_logprobs(
+            self.model,
+            tokenizer,
+            texts,
+            batch_size=self.cfg.eval_batch_size,
+            max_length=self.cfg.max_length,
+            device=self.device,
+        )  # (N, C)
+        self.model.train()
+        return lp.argmax(axis=1).astype(np.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+# -- dev scoring -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevSet:
+    """The dev split and which of its rows score what."""
+
+    texts: list[str]
+    label: np.ndarray
+    """(N,) int64 gold class or -1."""
+    lang: np.ndarray
+    """(N,) language codes."""
+    target: np.ndarray
+    """(N,) int64: the student's own target on each row, what model selection scores: the gold
+    label the CE term may use, else the teacher's argmax when soft labels are trained on, else
+    -1 (not scored)."""
+    labeled: list[str]
+    """The corpus's labeled languages."""
+
+    def score(self, pred: np.ndarray) -> dict[str, Any]:
+        """Accuracies of predictions `pred` (N,): over all gold rows, per language, the mean
+        over labeled and over the other languages, and on the student's targets (`selection`)."""
+        has, scored = self.label >= 0, self.target >= 0
+        right = (pred == self.label) & has
+        per_lang = {
+            str(lang): float(right[m].sum() / m.sum())
+            for lang in dict.fromkeys(self.lang.tolist())
+            if (m := (self.lang == lang) & has).any()
+        }
+        lab = [a for lang, a in per_lang.items() if lang in self.labeled]
+        unl = [a for lang, a in per_lang.items() if lang not in self.labeled]
+        return {
+            "accuracy": float(right.sum() / max(has.sum(), 1)),
+            "accuracy_labeled": float(np.mean(lab)) if lab else None,
+            "accuracy_unlabeled": float(np.mean(unl)) if unl else None,
+            "selection": float((pred == self.target)[scored].sum() / max(scored.sum(), 1)),
+            "per_language": per_lang,
+        }
+
+
+def _usable_gold(cfg: ClassifyStudentConfig, rows: Any, labeled: list[str]) -> np.ndarray:
+    """(N,) bool: rows whose gold label this student may train and select on."""
+    if cfg.gold_languages == "all":
+        return rows.label >= 0
+    return rows.gold_mask(labeled)
+
+
+# -- setup -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, checked and built (see `prepare`)."""
+
+    cfg: ClassifyStudentConfig
+    trainer: ClassifyTrainer
+    tokenizer: Any
+    data: TrainingSet
+    dev: DevSet
+    record: dict[str, Any]
+    """Provenance for softlabels.json."""
+    key: str
+    """Checkpoint key: digest of everything that determines the weights."""
+    device: torch.device
+
+
+def _check_inputs(cfg: ClassifyStudentConfig, logits: Path | None, teacher: Path | None) -> None:
+    if cfg.alpha < 1.0 and logits is None:
+        raise ConfigError(
+            f"{SECTION}.alpha: {cfg.alpha} trains on the teacher's soft labels; pass --logits "
+            "<classification store> (or set alpha: 1 for gold labels only)"
+        )
+    if cfg.init == "teacher_layers":
+        if teacher is None:
+            raise ConfigError(
+                f"{SECTION}.init: teacher_layers reads the teacher's weights; pass --teacher "
+                "<classification teacher folder> (and list it in the stage's deps in dvc.yaml)"
+            )
+        if not Path(teacher).is_dir():
+            raise InputError(
+                f"{teacher}: teacher folder not found (run `dvc repro classify_teacher`)"
+            )
+
+
+def prepare(
+    cfg: ClassifyStudentConfig,
+    corpus_cfg: ClassifyCorpusConfig,
+    *,
+    logits: Path | None,
+    tokenizer: Path,
+    teacher: Path | None = None,
+    corpus: LabeledCorpus | None = None,
+) -> Setup:
+    """Check every input, then build the student, trainer and data (no training).
+
+    Refuses before any work: soft labels wanted without a store; layer init without a teacher;
+    a store that does not match the corpus (other label set, rows, texts; incomplete or damaged:
+    `check_class_store`, run whenever a store is given); no training row to sample.
+    """
+    _check_inputs(cfg, logits, teacher)
+    corpus = corpus if corpus is not None else read_labeled_corpus(corpus_cfg)
+    attrs = check_class_store(logits, corpus) if logits is not None else None
+    device = torch.device(resolve_device(cfg.device, "auto", section=SECTION)[0])
+    tok = _load_tokenizer(tokenizer)
+    labeled = list(corpus_cfg.labeled_languages)
+    train = corpus.splits["train"]
+    usable = _usable_gold(cfg, train, labeled)
+    gold = np.where(usable, train.label, -1).astype(np.int64)
+    rows = np.flatnonzero(usable) if cfg.rows == "gold" else np.arange(len(train))
+    if len(rows) == 0 or (cfg.alpha > 0 and not usable.any()):
+        raise InputError(
+            f"{corpus_cfg.path}: no train row has a gold label of "
+            f"{'any language' if cfg.gold_languages == 'all' else ', '.join(labeled)}; "
+            f"check classify_corpus.labeled_languages or set {SECTION}.alpha: 0"
+        )
+    soft = read_soft_labels(logits, train) if cfg.alpha < 1.0 and logits is not None else None
+    data = TrainingSet(
+        input_ids=encode(tok, train.text, cfg.max_length),
+        gold=gold,
+        soft=soft,
+        rows=rows,
+    )
+    dev_rows = corpus.splits["dev"]
+    target = np.where(_usable_gold(cfg, dev_rows, labeled), dev_rows.label, -1)
+    if soft is not None:  # the teacher's class where no usable gold label
+        teacher_dev = read_soft_labels(logits, dev_rows).argmax(axis=1)
+        target = np.where(target >= 0, target, teacher_dev)
+    dev = DevSet(
+        texts=dev_rows.text,
+        label=dev_rows.label,
+        lang=dev_rows.lang,
+        target=target.astype(np.int64),
+        labeled=labeled,
+    )
+    if not (dev.target >= 0).any():
+        raise InputError(
+            f"{corpus_cfg.path}: no dev row has a gold label the student may select on "
+            f"({cfg.gold_languages} languages); add labeled dev rows"
+        )
+    model, picked = build_student(cfg, tok, corpus.labels, teacher=teacher)
+    model.to(device)
+    record: dict[str, Any] = {
+        "task": "classification",
+        "labels": list(corpus.labels),
+        "labeled_languages": labeled,
+        "corpus": {"path": corpus_cfg.path, "fingerprint": corpus.fingerprint()},
+        "tokenizer": tokenizer_identity(tok),
+        "soft_labels": soft is not None,
+        "init": cfg.init,
+    }
+    if attrs is not None:
+        record["store"] = {
+            "path": str(logits),
+            "content_sha256": content_sha256(attrs),
+            "teacher": attrs["teacher"],
+            "sources": attrs["sources"],
+            "parallel_source": attrs.get("parallel_source"),
+        }
+    if picked is not None:
+        assert teacher is not None
+        prov = read_provenance(teacher) if (Path(teacher) / PROVENANCE_FILE).is_file() else {}
+        record["init_teacher"] = {
+            "path": str(teacher),
+            "name": prov.get("name"),
+            "revision": prov.get("revision"),
+            "sha256": prov.get("sha256") or files_sha256(teacher)[0],
+        }
+        record["init_layers"] = picked
+    weights_cfg = {k: v for k, v in to_dict(cfg).items() if k not in COSMETIC}
+    key = ckpt.run_key(
+        {
+            "config": weights_cfg,
+            "labels": record["labels"],
+            "labeled_languages": labeled,
+            "corpus": corpus.fingerprint(),
+            "tokenizer": record["tokenizer"]["sha256"],
+            "store": content_sha256(attrs) if soft is not None else None,  # not the path
+            "init_teacher": record.get("init_teacher", {}).get("sha256"),
+            "device": device.type,
+            "softlabels_version": pipeline.__version__,
+        }
+    )
+    trainer = ClassifyTrainer(model, cfg, device)
+    return Setup(cfg, trainer, tok, data, dev, record, key, device)
+
+
+def describe_source(record: dict[str, Any]) -> str:
+    """One line naming what the student learns from, for the stage's log."""
+    store = record.get("store")
+    if not record.get("soft_labels") or store is None:
+        return f"gold labels only (corpus {abbreviate(record['corpus']['fingerprint'])})"
+    t = store["teacher"]
+    return (
+        f"store {store['path']} (content sha256 {abbreviate(store['content_sha256'])}): teacher "
+        f"{t.get('name')} @ {t.get('revision') or '-'} (sha256 {abbreviate(t.get('sha256'))}); "
+        f"corpus {abbreviate(record['corpus']['fingerprint'])}"
+    )
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+
+def run_classify_student(
+    cfg: ClassifyStudentConfig,
+    corpus_cfg: ClassifyCorpusConfig,
+    *,
+    logits: Path | None,
+    tokenizer: Path,
+    out: Path,
+    metrics: Path,
+    checkpoints: Path,
+    live_dir: Path,
+    teacher: Path | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the stage (module docstring); return the metrics it writes to `metrics`."""
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(
+            cfg,
+            corpus_cfg,
+            logits=logits,
+            tokenizer=tokenizer,
+            out=Path(out),
+            metrics=Path(metrics),
+            checkpoints=Path(checkpoints),
+            live_dir=Path(live_dir),
+            teacher=teacher,
+            name=name,
+            progress=progress,
+        )
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(
+    cfg: ClassifyStudentConfig,
+    corpus_cfg: ClassifyCorpusConfig,
+    *,
+    logits: Path | None,
+    tokenizer: Path,
+    out: Path,
+    metrics: Path,
+    checkpoints: Path,
+    live_dir: Path,
+    teacher: Path | None,
+    name: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    setup = prepare(cfg, corpus_cfg, logits=logits, tokenizer=tokenizer, teacher=teacher)
+    trainer, data, dev = setup.trainer, setup.data, setup.dev
+    pad_id = int(setup.tokenizer.pad_token_id)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    log.info("classify student %s: %d parameters on %s", name or "-", n_params, setup.device)
+    log.info("learning from %s", describe_source(setup.record))
+    work = checkpoints / setup.key
+    state = ckpt.load(work)
+    start, examples, seconds = 0, 0, 0.0
+    best: dict[str, Any] = {"selection": -1.0, "step": 0, "scores": None, "weights": None}
+    clock = {"eval": 0.0}  # seconds spent scoring dev
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        ckpt.set_rng_state(state["rng"])
+        start, examples, seconds = int(state["step"]), int(state["examples"]), state["seconds"]
+        best, clock["eval"] = state["best"], float(state["eval_seconds"])
+        log.info("resuming from the checkpoint at step %d (%s)", start, work / ckpt.FILE)
+    curves = Curves(live_dir, start, state.get("curves") if state else None)
+
+    def evaluate(step: int) -> None:
+        t0 = time.perf_counter()
+        scores = dev.score(trainer.predict(setup.tokenizer, dev.texts))
+        clock["eval"] += time.perf_counter() - t0
+        curves.log(
+            step,
+            {f"dev/{k}": v for k, v in scores.items() if k != "per_language" and v is not None},
+        )
+        if scores["selection"] > best["selection"]:
+            weights = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+            best.update(selection=scores["selection"], step=step, scores=scores, weights=weights)
+
+    bar = tqdm(
+        total=cfg.steps, initial=start, desc="classify student", unit="step", disable=not progress
+    )
+    last: StepResult | None = None
+    window_examples, window_time = 0, 0.0
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            batch = data.batch(step, cfg.batch_size, cfg.seed, pad_id)
+            last = trainer.step(batch)
+            dt = time.perf_counter() - t0
+            examples += cfg.batch_size
+            seconds += dt
+            window_examples += cfg.batch_size
+            window_time += dt
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                curves.log(
+                    done,
+                    {
+                        "train/loss": last.loss,
+                        "train/ce": last.ce,
+                        "train/kd": last.kd,
+                        "train/lr": last.lr,
+                        "train/examples_per_s": window_examples / max(window_time, 1e-9),
+                    },
+                )
+                window_examples, window_time = 0, 0.0
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                evaluate(done)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                ckpt.save(
+                    work,
+                    {
+                        "step": done,
+                        "examples": examples,
+                        "seconds": seconds,
+                        "trainer": trainer.state_dict(),
+                        "rng": ckpt.rng_state(),
+                        "curves": curves.snapshot(),
+                        "best": best,
+                        "eval_seconds": clock["eval"],
+                    },
+                )
+            bar.update(1)
+            bar.set_postfix(loss=f"{last.loss:.3f}", dev=f"{max(best['selection'], 0):.3f}")
+    finally:
+        bar.close()
+    curves.end()
+    trainer.model.load_state_dict(best["weights"])
+    scores = best["scores"]
+    record = {
+        **setup.record,
+        "student": name,
+        "selection": {
+            "on": _selection_rule(cfg),
+            "step": best["step"],
+            "accuracy": best["selection"],
+        },
+        SECTION: to_dict(cfg),
+        "classify_corpus": to_dict(corpus_cfg),
+        "softlabels_version": pipeline.__version__,
+    }
+    with atomic_dir(out) as tmp:
+        trainer.model.save_pretrained(tmp)
+        setup.tokenizer.save_pretrained(tmp)
+        write_json(tmp / RECORD_FILE, record)
+    result = {
+        "student": name,
+        "dev_accuracy": scores["accuracy"],
+        "dev_accuracy_labeled": scores["accuracy_labeled"],
+        "dev_accuracy_unlabeled": scores["accuracy_unlabeled"],
+        "dev_accuracy_per_language": scores["per_language"],
+        "selection_accuracy": best["selection"],
+        "selected_on": _selection_rule(cfg),
+        "best_step": best["step"],
+        "steps": cfg.steps,
+        "resumed_from_step": start,
+        "parameters": n_params,
+        "train_examples": examples,
+        "train_seconds": seconds,
+        "train_examples_per_s": examples / max(seconds, 1e-9),
+        "eval_seconds": clock["eval"],
+        "final": None
+        if last is None
+        else {"loss": last.loss, "ce": last.ce, "kd": last.kd, "lr": last.lr},
+        "alpha": cfg.alpha,
+        "temperature": cfg.temperature,
+        "gold_languages": cfg.gold_languages,
+        "rows": cfg.rows,
+        "soft_labels": bool(setup.record.get("soft_labels")),
+    }
+    write_json(metrics, result)
+    ckpt.remove(work)
+    log.info(
+        "dev accuracy %.3f (labeled %s, unlabeled %s) at step %d; student written to %s",
+        scores["accuracy"],
+        _fmt(scores["accuracy_labeled"]),
+        _fmt(scores["accuracy_unlabeled"]),
+        best["step"],
+        out,
+    )
+    return result
+
+
+def _selection_rule(cfg: ClassifyStudentConfig) -> str:
+    """How model selection scored dev, in words (metrics and softlabels.json)."""
+    gold = "every language's" if cfg.gold_languages == "all" else "the labeled languages'"
+    teacher = ", the teacher's argmax on the other rows" if cfg.alpha < 1 else ""
+    return f"dev accuracy on {gold} gold labels{teacher}"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,158 @@
+"""`softlabels inspect`: a logits store's provenance, layout and size, as text or plain data.
+
+Reads only the attributes, the arrays' metadata and file sizes (never decompresses data), so it
+is instant on any store, complete or not, and reports how far a store in progress has got
+(shard files present per array). Sizes are reported per stored (id, logprob) entry, the number
+that decides how big a store for a given corpus, k and compressor will be.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from pipeline.core.errors import StoreError
+from pipeline.store.format import (
+    ARRAYS,
+    StoreSpec,
+    entries,
+    raw_bytes_per_sequence,
+    read_attrs_any_version,
+    shard_files,
+)
+from pipeline.store.verify import abbreviate, content_sha256
+
+
+def _codec_names(arr: zarr.Array) -> str:
+    parts = []
+    for c in arr.compressors:
+        d = c.to_dict()
+        cfg = d.get("configuration", {})
+        if d["name"] == "blosc":
+            parts.append(f"blosc({cfg['cname']}, {cfg['clevel']}, {cfg['shuffle']})")
+        else:
+            parts.append(
+                f"{d['name']}({', '.join(f'{k}={v}' for k, v in cfg.items() if k != 'checksum')})"
+            )
+    return "+".join(parts) or "none"
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def store_summary(path: str | Path) -> dict[str, Any]:
+    """Provenance, layout and sizes of a store as plain data (`softlabels inspect --json`)."""
+    path = Path(path)
+    attrs = read_attrs_any_version(path)
+    spec = StoreSpec.from_attrs(attrs)
+    group = zarr.open_group(path, mode="r")
+    splits: dict[str, Any] = {}
+    pair_bytes = 0
+    for s in spec.splits:
+        n_shards = len(spec.shards(s.name))
+        files: dict[str, list[Path]] = {name: [] for name in ARRAYS}
+        for name in ARRAYS:
+            if f"{s.name}/{name}" not in group:
+                raise StoreError(
+                    f"{path}: array {s.name}/{name} is missing; the store is damaged "
+                    "(`softlabels verify` lists what else is wrong)"
+                )
+        for i in range(n_shards):
+            for key, file in shard_files(path, s.name, i).items():
+                files[key.split("/")[1]].append(file)
+        arrays = {}
+        for name in ARRAYS:
+            arr = group[f"{s.name}/{name}"]
+            present = [f for f in files[name] if f.is_file()]
+            size = sum(f.stat().st_size for f in present)
+            if name in ("ids", "logprobs"):
+                pair_bytes += size
+            arrays[name] = {
+                "shape": list(arr.shape),
+                "dtype": str(arr.dtype),
+                "chunks": list(arr.chunks),
+                "shards": list(arr.shards),
+                "compressors": _codec_names(arr),
+                "shard_files": f"{len(present)}/{n_shards}",
+                "bytes": size,
+            }
+        splits[s.name] = {
+            "n": s.n,
+            "seq_len": s.seq_len,
+            "shards": n_shards,
+            "fingerprint": attrs.get("dataset", {})
+            .get("splits", {})
+            .get(s.name, {})
+            .get("fingerprint"),
+            "arrays": arrays,
+        }
+    n_entries = entries(spec)
+    total = _tree_bytes(path)
+    return {
+        "path": str(path),
+        "format_version": attrs.get("format_version"),
+        "softlabels_version": attrs.get("softlabels_version"),
+        "complete": attrs.get("complete"),
+        "teacher": attrs.get("teacher"),
+        "tokenizer": attrs.get("tokenizer"),
+        "method": attrs.get("method"),
+        "k": spec.k,
+        "seed": attrs.get("seed"),
+        "temperature": attrs.get("temperature"),
+        "chunk_sequences": spec.chunk_sequences,
+        "shard_chunks": spec.shard_chunks,
+        "splits": splits,
+        "checksums_recorded": len(attrs.get("shards", {})),
+        "content_sha256": content_sha256(attrs),
+        "bytes_on_disk": total,
+        "entries": n_entries,
+        "bytes_per_entry_ids_logprobs": round(pair_bytes / n_entries, 4) if n_entries else None,
+        "bytes_per_entry_all": round(total / n_entries, 4) if n_entries else None,
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def describe_store(path: str | Path) -> str:
+    """Human-readable summary of a store (`softlabels inspect`)."""
+    d = store_summary(path)
+    t, tok = d["teacher"] or {}, d["tokenizer"] or {}
+    k = d["k"]
+    lines = [
+        f"logits store {d['path']}  (format_version {d['format_version']}, written by softlabels {d['softlabels_version']})",
+        f"complete:   {'yes' if d['complete'] else 'NO'}  ({d['checksums_recorded']} shard checksums recorded, content sha256 {abbreviate(d['content_sha256'])})",
+        f"teacher:    {t.get('name')} @ {t.get('revision') or '-'}  {t.get('architecture')}  vocab_size {t.get('vocab_size')}  sha256 {abbreviate(t.get('sha256'))}",
+        f"tokenizer:  vocab_size {tok.get('vocab_size')}  eos_id {tok.get('eos_id')}  sha256 {abbreviate(tok.get('sha256'))}",
+        f"labels:     method {d['method']}  k {k}  seed {d['seed']}  temperature {d['temperature']}",
+        f"layout:     {d['chunk_sequences']} sequences per chunk, {d['shard_chunks']} chunks per shard "
+        f"({d['chunk_sequences'] * d['shard_chunks']} sequences per shard file)",
+    ]
+    for name, s in d["splits"].items():
+        raw = raw_bytes_per_sequence(s["seq_len"], k) * d["chunk_sequences"]
+        lines.append(
+            f"split {name}: {s['n']} sequences x {s['seq_len']} positions, {s['shards']} shards, "
+            f"dataset fingerprint {abbreviate(s['fingerprint'])}, {_size(raw)} raw per chunk"
+        )
+        for aname, a in s["arrays"].items():
+            lines.append(
+                f"  {aname:<10} {a['dtype']:<8} shape {tuple(a['shape'])!s:<16} chunks {tuple(a['chunks'])!s:<14} "
+                f"shards {tuple(a['shards'])!s:<16} {a['compressors']:<24} files {a['shard_files']:<7} {_size(a['bytes'])}"
+            )
+    if d["entries"]:
+        lines.append(
+            f"on disk:    {_size(d['bytes_on_disk'])}; {d['entries']} (id, logprob) entries: "
+            f"{d['bytes_per_entry_ids_logprobs']:.3f} B per entry in ids+logprobs (raw 6), "
+            f"{d['bytes_per_entry_all']:.3f} B per entry for the whole store"
+        )
+    else:
+        lines.append(f"on disk:    {_size(d['bytes_on_disk'])}; no entries")
+    return "\n".join(lines)

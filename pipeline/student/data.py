@@ -1,0 +1,319 @@
+"""Streaming training batches (token ids + stored soft labels) for the student, in a fixed order.
+
+Reading: the unit is a block of `chunk_sequences` consecutive sequences, the store's chunk, so a
+block is one decompression of each Zarr array and never a partial chunk. Token ids come from the tokenized dataset (memory-mapped Arrow), soft labels (`ids`,
+`logprobs`, `tail`) from the store; `check_store` has verified beforehand that the store was made
+from exactly these token ids.
+
+Order (a pure function of the seed, the step and the layout): epoch e permutes the blocks with
+a generator seeded by (seed, e). The permuted blocks are dealt round-robin to `slots`: one slot
+per (data-parallel rank, DataLoader worker), so no two readers ever touch the same block and
+together they cover the epoch exactly once. Each slot groups its blocks into windows of
+`buffer_chunks` blocks held in memory and shuffles the rows of a window (seeded by seed, epoch,
+slot, window): chunk-granular shuffling for cheap reads, plus an in-memory shuffle buffer so a
+batch mixes several blocks. A slot's rows, epoch after epoch, are cut into batches of
+`batch_size`; the DataLoader takes batches from its workers round-robin, so global step g of
+rank r is batch g // W of slot r * W + g % W (W workers). Resuming at step s therefore needs no
+state beyond s: every slot skips its first batches by index arithmetic, without reading them.
+The trade-off: the order depends on the number of workers and ranks, so a resumed run must use
+the same ones (the checkpoint key includes them).
+
+Prefetching: each slot reads its next windows in a background thread, `prefetch` windows ahead,
+while batches of the current one are handed out (the training step runs in torch kernels that
+release the GIL); with DataLoader workers the batches are also produced in other processes.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.core.errors import InputError, StoreError
+from pipeline.data.tokenized import SPLITS, load_tokenized
+from pipeline.store.format import open_split, read_attrs
+from pipeline.store.verify import compatibility_problems
+
+LABELS = ("ids", "logprobs", "tail")
+"""The store arrays a training batch carries besides the token ids."""
+
+
+@dataclass(frozen=True)
+class BlockOrder:
+    """The deterministic data order described in the module docstring (indices only, no I/O)."""
+
+    n_rows: int
+    """Sequences in the split."""
+    chunk_sequences: int
+    """Sequences per block: the store's chunk (params teacher_logits.chunk_sequences)."""
+    batch_size: int
+    """Sequences per batch."""
+    seed: int
+    """Seed of every permutation."""
+    buffer_chunks: int = 4
+    """Blocks per in-memory shuffle window."""
+    slots: int = 1
+    """Independent readers: data-parallel ranks x DataLoader workers (at least 1 each)."""
+
+    def __post_init__(self) -> None:
+        for key in ("chunk_sequences", "batch_size", "buffer_chunks", "slots"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"BlockOrder.{key} must be >= 1, got {getattr(self, key)}")
+        if self.n_blocks < self.slots:
+            raise InputError(
+                f"the training split has {self.n_blocks} blocks of {self.chunk_sequences} sequences, "
+                f"fewer than the {self.slots} readers (ranks x DataLoader workers); use fewer "
+                "train_student.num_workers"
+            )
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.n_rows / self.chunk_sequences)
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """[start, stop) rows of `block`; the last block may be short."""
+        start = block * self.chunk_sequences
+        return start, min(start + self.chunk_sequences, self.n_rows)
+
+    def slot_blocks(self, epoch: int, slot: int) -> np.ndarray:
+        """Blocks slot `slot` reads in `epoch`, in reading order."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        return perm[slot :: self.slots]
+
+    def windows(self, epoch: int, slot: int) -> list[np.ndarray]:
+        """The slot's blocks of `epoch`, grouped into shuffle windows."""
+        mine = self.slot_blocks(epoch, slot)
+        return [mine[i : i + self.buffer_chunks] for i in range(0, len(mine), self.buffer_chunks)]
+
+    def window_rows(self, epoch: int, slot: int, index: int, blocks: np.ndarray) -> np.ndarray:
+        """Row ids of window `index` in the order they are served (a seeded shuffle)."""
+        rows = np.concatenate([np.arange(*self.block_range(int(b))) for b in blocks])
+        rng = np.random.default_rng([self.seed, epoch, slot, index, 1])
+        return rows[rng.permutation(len(rows))]
+
+    def slot_epoch_rows(self, epoch: int, slot: int) -> int:
+        blocks = self.slot_blocks(epoch, slot)
+        return sum(b - a for a, b in (self.block_range(int(x)) for x in blocks))
+
+    def locate(self, slot: int, row_offset: int) -> tuple[int, int, int]:
+        """(epoch, window index, offset in window) of the slot's `row_offset`-th row."""
+        epoch = 0
+        while row_offset >= (n := self.slot_epoch_rows(epoch, slot)):
+            row_offset -= n
+            epoch += 1
+        for index, blocks in enumerate(self.windows(epoch, slot)):
+            n = sum(b - a for a, b in (self.block_range(int(x)) for x in blocks))
+            if row_offset < n:
+                return epoch, index, row_offset
+            row_offset -= n
+        raise AssertionError("unreachable: offset inside the epoch")
+
+    def slot_batches_before(self, step: int, worker: int, workers: int) -> int:
+        """Batches worker `worker` (of `workers`) produced for global steps [0, step)."""
+        return max(0, (step - worker + workers - 1) // workers)
+
+    def batch_rows(self, step: int, *, rank: int = 0, num_workers: int = 0) -> np.ndarray:
+        """Row ids of global step `step` on `rank` (for tests and the in-memory benchmark)."""
+        workers = max(1, num_workers)
+        worker = step % workers
+        slot = rank * workers + worker
+        it = self.iter_rows(slot, (step // workers) * self.batch_size)
+        return np.concatenate([rows for rows, _ in _take(it, self.batch_size)])
+
+    def iter_rows(self, slot: int, start: int = 0) -> Iterator[tuple[np.ndarray, tuple]]:
+        """Yield (row ids of one window from `start` on, window key) forever for a slot."""
+        epoch, index, offset = self.locate(slot, start)
+        while True:
+            wins = self.windows(epoch, slot)
+            for i in range(index, len(wins)):
+                rows = self.window_rows(epoch, slot, i, wins[i])
+                yield rows[offset:], (epoch, i, wins[i])
+                offset = 0
+            epoch, index = epoch + 1, 0
+
+
+def _take(it: Iterator[tuple[np.ndarray, Any]], n: int) -> Iterator[tuple[np.ndarray, Any]]:
+    """First `n` rows of a window stream, as (rows, key) pieces."""
+    while n > 0:
+        rows, key = next(it)
+        yield rows[:n], key
+        n -= len(rows[:n])
+
+
+class SoftLabelStream(IterableDataset):
+    """An endless stream of training batches in `BlockOrder` order (module docstring).
+
+    Each item is a dict of tensors for one batch: `input_ids` (B, L) int32 and, when `store`
+    is given, `ids` (B, L, k) int32, `logprobs` (B, L, k) float16, `tail` (B, L) float16.
+    Use it with `DataLoader(stream, batch_size=None, num_workers=W)` and the same W as
+    `num_workers`. Paths, not open files, are held, so it pickles cheaply into worker processes.
+    """
+
+    def __init__(
+        self,
+        tokenized: str | Path,
+        *,
+        batch_size: int,
+        seed: int,
+        chunk_sequences: int,
+        store: str | Path | None = None,
+        split: str = "train",
+        buffer_chunks: int = 4,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        prefetch: int = 2,
+    ) -> None:
+        super().__init__()
+        self.tokenized, self.store, self.split = Path(tokenized), store, split
+        self.workers = max(1, num_workers)
+        self.rank, self.world_size = rank, world_size
+        self.start_step, self.prefetch = start_step, max(1, prefetch)
+        n_rows = len(self._tokens())
+        self.order = BlockOrder(
+            n_rows=n_rows,
+            chunk_sequences=chunk_sequences,
+            batch_size=batch_size,
+            seed=seed,
+            buffer_chunks=buffer_chunks,
+            slots=self.workers * world_size,
+        )
+        self._arrays: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = None
+        state.pop("_token_rows", None)  # reopened (memory-mapped) in each process
+        return state
+
+    def _tokens(self) -> np.ndarray:
+        if getattr(self, "_token_rows", None) is None:
+            self._token_rows = load_tokenized(self.tokenized, [self.split])[self.split].input_ids
+        return self._token_rows
+
+    def _labels(self) -> dict[str, Any]:
+        if self._arrays is None:
+            arrays = open_split(self.store, self.split)
+            self._arrays = {name: arrays[name] for name in LABELS}
+        return self._arrays
+
+    def read_window(self, blocks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(sorted row ids, {name: rows}) of whole blocks: one chunk read per block and array."""
+        ranges = sorted(self.order.block_range(int(b)) for b in blocks)
+        rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+        data = {"input_ids": np.ascontiguousarray(self._tokens()[rows])}  # (n, L)
+        if self.store is not None:
+            for name, arr in self._labels().items():
+                data[name] = np.concatenate([arr[a:b] for a, b in ranges])  # (n, L[, k])
+        return rows, data
+
+    def _windows(self, slot: int, start: int) -> Iterator[tuple[np.ndarray, dict]]:
+        """(served row ids, window data indexed by those rows) with background prefetch."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for served, (_, _, blocks) in self.order.iter_rows(slot, start):
+                    rows, data = self.read_window(blocks)
+                    local = np.searchsorted(rows, served)  # (n,) positions in `data`
+                    item = (local, data)
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            except BaseException as e:  # hand any failure to the consumer
+                q.put(e)
+
+        thread = threading.Thread(target=produce, name=f"softlabels-prefetch-{slot}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.workers:
+            raise ValueError(
+                f"SoftLabelStream built for {self.workers} workers, DataLoader has {info.num_workers}"
+            )
+        # The DataLoader asks worker 0 first: after a restart at step s, worker 0 serves
+        # global step s, which belongs to the order's worker s % W.
+        worker = (self.start_step + worker) % self.workers
+        slot = self.rank * self.workers + worker
+        done = self.order.slot_batches_before(self.start_step, worker, self.workers)
+        b = self.order.batch_size
+        pieces: list[tuple[np.ndarray, dict]] = []
+        have = 0
+        for local, data in self._windows(slot, done * b):
+            pos = 0
+            while pos < len(local):
+                take = local[pos : pos + b - have]
+                pieces.append((take, data))
+                have += len(take)
+                pos += len(take)
+                if have == b:
+                    yield _assemble(pieces)
+                    pieces, have = [], 0
+
+
+def _assemble(pieces: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> dict[str, torch.Tensor]:
+    """Gather a batch's rows from one or two windows into tensors."""
+    names = pieces[0][1].keys()
+    out = {}
+    for name in names:
+        parts = [data[name][idx] for idx, data in pieces]
+        out[name] = torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+    return out
+
+
+def check_store(
+    store: str | Path,
+    *,
+    tokenized: str | Path,
+    tokenizer_identity: dict[str, Any],
+    vocab_size: int,
+) -> dict[str, Any]:
+    """The store's attributes, after refusing one unusable for this training run.
+
+    Refused (StoreError naming every differing field and what to do): a missing or incomplete
+    store, one made with another tokenizer, one whose teacher vocabulary is not the student's
+    `vocab_size`, or one whose recorded input-id fingerprints differ from the tokenized
+    dataset's (every split both have; the store must have `train`).
+    """
+    attrs = read_attrs(store)
+    store_splits = attrs.get("dataset", {}).get("splits", {})
+    problems = []
+    if "train" not in store_splits:
+        problems.append("dataset.splits.train is missing: the store has no training split")
+    both = [s for s in SPLITS if s in store_splits]
+    problems += compatibility_problems(
+        attrs,
+        tokenizer_identity=tokenizer_identity,
+        dataset_fingerprints=load_tokenized(tokenized, both, missing_ok=True).fingerprints(),
+        vocab_size=vocab_size,
+    )
+    if problems:
+        raise StoreError(
+            f"{store}: refusing to train from this logits store:\n  - " + "\n  - ".join(problems)
+        )
+    return attrs

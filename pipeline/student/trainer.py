@@ -1,0 +1,159 @@
+"""One optimisation step of the student, and its validation perplexity: the explicit loop body.
+
+`StudentTrainer.step(batch)` moves a batch to the device, runs the student (bf16 autocast on
+CUDA, float32 on CPU), gets the teacher's side either from the batch (stored soft labels) or
+from a live teacher forward pass (full vocabulary, no gradient), and applies
+`pipeline.student.losses.distillation_loss`, then AdamW with gradient clipping and a warmup + cosine
+learning-rate schedule. Positions: the student's logits at position t predict token t+1, and
+store position t holds the teacher's distribution for token t+1; the loss uses positions
+0..L-2 for both KD and CE, so every term has a real next token.
+
+It is shared by the stage (`pipeline.student.train_student`) and the benchmarks, which feed it batches
+from the streaming loader or from memory, so both measure the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.modeling.optim import adamw_with_schedule
+from pipeline.student.losses import distillation_loss, target_nll
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossSettings:
+    """What the loss needs besides the batch (validated by the stage config; the fields are
+    the `train_student` params of the same names, plus the store's `method`)."""
+
+    alpha: float
+    temperature: float
+    loss: str
+    tail: str
+    method: str | None
+    """Store method ('topk' or 'sample'); None with a live teacher or alpha = 0."""
+    sample_weights: str = "empirical"
+    """Estimator for sample stores (`pipeline.student.losses.SAMPLE_WEIGHTS`)."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    kd: float
+    ce: float
+    lr: float
+    grad_norm: float
+
+
+class StudentTrainer:
+    """Optimizer, schedule and step for one student (see module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: LossSettings,
+        *,
+        steps: int,
+        learning_rate: float,
+        warmup_steps: int,
+        weight_decay: float,
+        grad_clip: float,
+        device: torch.device,
+        teacher: torch.nn.Module | None = None,
+    ) -> None:
+        self.model, self.settings, self.device = model, settings, device
+        self.teacher, self.grad_clip = teacher, grad_clip
+        self.optimizer, self.scheduler = adamw_with_schedule(
+            model,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            steps=steps,
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA; nothing on CPU (bf16 matmuls there are slow and inexact)."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, batch: dict[str, torch.Tensor]) -> StepResult:
+        """One optimisation step on a batch from `pipeline.student.data.SoftLabelStream`."""
+        s = self.settings
+        self.model.train()
+        nb = self.device.type == "cuda"
+        inp = batch["input_ids"].to(self.device, non_blocking=nb).long()  # (B, L)
+        targets = inp[:, 1:]  # (B, L-1)
+        kw: dict[str, Any] = {}
+        if s.alpha > 0 and self.teacher is not None:
+            with torch.no_grad(), self.autocast():
+                kw["teacher_logits"] = self.teacher(input_ids=inp).logits[:, :-1]  # (B, L-1, V)
+        elif s.alpha > 0:
+            kw = {
+                "method": s.method,
+                "ids": batch["ids"].to(self.device, non_blocking=nb)[:, :-1],  # (B, L-1, k)
+                "logprobs": batch["logprobs"].to(self.device, non_blocking=nb)[:, :-1],
+                "tail_logmass": batch["tail"].to(self.device, non_blocking=nb)[:, :-1],  # (B, L-1)
+            }
+        with self.autocast():
+            logits = self.model(input_ids=inp).logits[:, :-1]  # (B, L-1, V)
+        parts = distillation_loss(
+            logits,
+            targets,
+            alpha=s.alpha,
+            temperature=s.temperature,
+            loss=s.loss,
+            tail=s.tail,
+            sample_weights=s.sample_weights,
+            **kw,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        return StepResult(
+            loss=float(parts.total.detach()),
+            kd=float(parts.kd),
+            ce=float(parts.ce),
+            lr=float(lr),
+            grad_norm=float(norm),
+        )
+
+    @torch.inference_mode()
+    def perplexity(self, rows: np.ndarray, *, batch_size: int) -> float:
+        """exp(mean NLL) of the student predicting tokens 1..L-1 of each row of `rows` (N, L).
+
+        Every row is scored independently, the convention of the teacher's and the evaluate
+        stage's perplexities, so the numbers are comparable.
+        """
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(rows), batch_size):
+            inp = torch.from_numpy(np.asarray(rows[i : i + batch_size], dtype=np.int64))
+            inp = inp.to(self.device)  # (b, L)
+            with self.autocast():
+                logits = self.model(input_ids=inp).logits[:, :-1]  # (b, L-1, V)
+            nll = target_nll(logits, inp[:, 1:])  # (b, L-1)
+            total += float(nll.double().sum())
+            count += nll.numel()
+        self.model.train()
+        return math.exp(total / count) if count else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
