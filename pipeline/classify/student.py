@@ -166,15 +166,7 @@ class ClassifyStudentConfig:
         )
         require(0.0 <= self.alpha <= 1.0, f"{s}.alpha", f"must be in [0, 1], got {self.alpha}")
         require(self.temperature > 0, f"{s}.temperature", f"must be > 0, got {self.temperature}")
-        check_optimizer_params(
-            s,
-            steps=self.steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-        )
+        check_optimizer_params(s, self)
         for key in ("max_length", "eval_batch_size", "log_every"):
             value = getattr(self, key)
             require(value >= 1, f"{s}.{key}", f"must be >= 1, got {value}")

@@ -10,23 +10,18 @@ students comparable and their params validated the same way.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from pipeline.core.config import require
 
 
-def check_optimizer_params(
-    section: str,
-    *,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    warmup_steps: int,
-    weight_decay: float,
-    grad_clip: float,
-) -> None:
-    """Range checks for the optimiser keys of a params section; errors name `section.key`."""
+def check_optimizer_params(section: str, cfg: Any) -> None:
+    """Range checks for the optimiser keys of a params section's config (`steps`, `batch_size`,
+    `learning_rate`, `warmup_steps`, `weight_decay`, `grad_clip`); errors name `section.key`."""
+    steps, batch_size, learning_rate = cfg.steps, cfg.batch_size, cfg.learning_rate
+    warmup_steps, weight_decay, grad_clip = cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip
     require(steps >= 1, f"{section}.steps", f"must be >= 1, got {steps}")
     require(batch_size >= 1, f"{section}.batch_size", f"must be >= 1, got {batch_size}")
     require(

@@ -146,15 +146,7 @@ class TrainStudentConfig:
         )
         require(self.temperature > 0, f"{s}.temperature", f"must be > 0, got {self.temperature}")
         require(0.0 <= self.alpha <= 1.0, f"{s}.alpha", f"must be in [0, 1], got {self.alpha}")
-        check_optimizer_params(
-            s,
-            steps=self.steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-        )
+        check_optimizer_params(s, self)
         require(
             self.buffer_chunks >= 1, f"{s}.buffer_chunks", f"must be >= 1, got {self.buffer_chunks}"
         )

@@ -118,15 +118,7 @@ class TeacherConfig:
             f"{s}.max_position_embeddings",
             f"must be >= teacher.seq_len ({self.seq_len}), got {self.max_position_embeddings}",
         )
-        check_optimizer_params(
-            s,
-            steps=self.steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-        )
+        check_optimizer_params(s, self)
         require(
             self.threads >= 0, f"{s}.threads", f"must be >= 0 (0: all cores), got {self.threads}"
         )
