@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
-    def work() -> None:
-        result = prepare_classify_teacher(
+    return run_stage(
+        lambda: prepare_classify_teacher(
             load_section(args.params, ClassifyTeacherConfig, "classify_teacher"),
             load_section(args.params, ClassifyCorpusConfig, "classify_corpus"),
             lm_teacher=args.lm_teacher,
@@ -47,14 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics=args.metrics,
             progress=not args.no_progress,
         )
-        m = result["metrics"]
-        print(
-            f"classify teacher {m['name']} -> {args.out}: accuracy on "
-            f"{', '.join(m['labeled_languages'])} dev {m['dev_accuracy']['labeled']:.3f}, "
-            f"test {m['test_accuracy']['labeled']:.3f}"
-        )
-
-    return run_stage(work)
+    )
 
 
 if __name__ == "__main__":

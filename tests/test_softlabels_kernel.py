@@ -137,16 +137,17 @@ def test_sampled_frequencies_match_teacher_probabilities() -> None:
 
 @pytest.mark.parametrize(("vocab", "rows"), [(700, 1024), (700, 3), (40_000, 1)])
 def test_results_do_not_depend_on_torch_threads(vocab: int, rows: int) -> None:
-    """Byte-identical outputs with 1 and 2 torch threads, including single-row slices of a
-    vocabulary longer than torch's reduction grain (which torch splits across threads)."""
+    """Byte-identical stored arrays (ids, logprobs, tail) with 1 and 2 torch threads, including
+    single-row slices of a vocabulary longer than torch's reduction grain (which torch splits
+    across threads). The float32 fidelity statistics (covered, entropy, top1) may differ in the
+    last bit: the BLAS behind the head matmul may block it differently by thread count (seen
+    with MKL on AMD EPYC), moving a float32 logit by one ulp, which the float16 stored values
+    and the ids do not see but an unrounded float32 statistic can."""
     model = tiny_llama(vocab)
     input_ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(4))
 
-    def fields(out):
-        return [
-            getattr(out, f).numpy().tobytes()
-            for f in ("ids", "logprobs", "tail", "covered", "entropy", "top1")
-        ]
+    def stored(out):
+        return [getattr(out, f).numpy().tobytes() for f in ("ids", "logprobs", "tail")]
 
     threads = torch.get_num_threads()
     for method in ("topk", "sample"):
@@ -157,7 +158,9 @@ def test_results_do_not_depend_on_torch_threads(vocab: int, rows: int) -> None:
             one, _ = run_kernel(model, input_ids, method, 6, rows)
         finally:
             torch.set_num_threads(threads)
-        assert fields(one) == fields(two)
+        assert stored(one) == stored(two)
+        for f in ("covered", "entropy", "top1"):
+            torch.testing.assert_close(getattr(one, f), getattr(two, f), rtol=1e-6, atol=1e-6)
 
 
 def test_uniform_stream_is_the_same_however_it_is_drawn() -> None:

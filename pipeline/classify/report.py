@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.core.atomic import atomic_dir
-from pipeline.evaluate.common import csv_text, fmt, legend_on_top, mb, model_colors, style_axes
+from pipeline.evaluate.common import (
+    csv_text,
+    fmt,
+    legend_on_top,
+    log_size_axis,
+    mb,
+    model_colors,
+    style_axes,
+)
 
 if TYPE_CHECKING:
     from pipeline.classify.evaluate import Evaluation
@@ -173,7 +181,6 @@ def figure_size_accuracy(path: Path, ev: Evaluation, colors: dict) -> None:
     """Panels sharing the size axis (weights on disk, MB, log): accuracy on the labeled and the
     unlabeled languages, and throughput; one point per model."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator
 
     results = ev.metrics["models"]
     panels = [
@@ -196,10 +203,7 @@ def figure_size_accuracy(path: Path, ev: Evaluation, colors: dict) -> None:
                 linewidths=2,
                 zorder=3,
             )
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        log_size_axis(ax)
         ax.set_xlabel("weights on disk (MB, log scale)")
         ax.set_title(label, loc="left", fontsize=10)
         style_axes(ax)

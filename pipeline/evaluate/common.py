@@ -176,3 +176,13 @@ def legend_on_top(fig: Any, handles: list, labels: list[str], y: float) -> None:
         frameon=False,
         fontsize=9.5,
     )
+
+
+def log_size_axis(ax: Any) -> None:
+    """A log-scale x axis for sizes in MB, labelled at 1, 2 and 5 per decade in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))

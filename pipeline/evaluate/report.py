@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import atomic_dir
-from pipeline.evaluate.common import csv_text, fmt, legend_on_top, mb, model_colors, style_axes
+from pipeline.evaluate.common import (
+    csv_text,
+    fmt,
+    legend_on_top,
+    log_size_axis,
+    mb,
+    model_colors,
+    style_axes,
+)
 
 PERPLEXITY_DIR = "perplexity"
 SIZE_QUALITY = "size_quality.csv"
@@ -149,7 +157,6 @@ def figure_size_quality(
 ) -> None:
     """Four panels, each a metric against weights on disk (MB, log scale), one point per model."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator
 
     panels = [
         ("perplexity", "validation perplexity ↓", 1.0),
@@ -172,10 +179,7 @@ def figure_size_quality(
                 linewidths=2,
                 zorder=3,
             )
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        log_size_axis(ax)
         ax.set_title(label, loc="left", fontsize=10)
         style_axes(ax)
         ax.margins(x=0.3, y=0.18)
