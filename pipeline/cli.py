@@ -5,7 +5,8 @@ its parser and sets `func` to a handler taking the parsed args and returning the
 add a command, write such a function and list it in `COMMANDS`. Exit statuses: 0 success, 1 the
 command ran and found problems, 2 usage or input errors. `SoftlabelsError` (a problem the user
 can fix) is caught here and printed as `error: <message>` without a traceback; anything else is a
-bug and keeps its traceback.
+bug and keeps its traceback. Text that may hold strings read from an artifact (messages, problem
+lines, `inspect` output) is printed with control characters escaped (`pipeline.core.text`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.core.errors import SoftlabelsError
+from pipeline.core.errors import SoftlabelsError, os_error_message
+from pipeline.core.text import printable, printable_json
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -48,7 +50,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         summary, text = class_store_summary, describe_class_store
         print(json.dumps(summary(args.store), indent=2) if args.json else text(args.store))
     elif args.json:
-        print(json.dumps(store_summary(args.store), indent=2, ensure_ascii=False))
+        print(printable_json(store_summary(args.store), indent=2))
     else:
         print(describe_store(args.store))
     return EXIT_OK
@@ -124,7 +126,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{args.store}: {len(problems)} problem(s):")
     for problem in problems:
-        print(f"  - {problem}")
+        print(f"  - {printable(problem)}")
     return EXIT_PROBLEMS
 
 
@@ -160,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SoftlabelsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # the user's filesystem (permissions, a file where a folder is expected)
+        message = os_error_message(e)
+        if message is None:
+            raise
+        print(f"error: {printable(message)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -7,8 +7,10 @@ back by path, exactly as the stages load real ones.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -18,6 +20,32 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "corpora" / "sample"
+
+# The suite runs on pytest-xdist workers (`-n auto --dist loadfile` in pyproject.toml): each
+# worker gets an equal share of the cores for torch and for the stage processes it starts, so
+# workers never oversubscribe the machine (which slows torch several-fold).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = str(max(1, (os.cpu_count() or 1) // _workers))
+    os.environ["OMP_NUM_THREADS"] = _threads
+    os.environ["MKL_NUM_THREADS"] = _threads
+
+FIRST = ("test_dvc_workflows.py",)
+"""Modules that take minutes: scheduled first, so the other workers run everything else meanwhile
+rather than waiting on them at the end."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: order kept otherwise
+
+
+def stage_module(name: str) -> ModuleType:
+    """stages/<name>.py imported in-process: its `main(argv)` runs without an interpreter
+    start-up (a subprocess test is kept for what only a fresh process shows)."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_corpus(root: Path, langs: dict[str, list[str]]) -> Path:

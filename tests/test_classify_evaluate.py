@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from tests.classify_fixtures import (
     make_classifier,
     write_sib_slice,
 )
+from tests.conftest import stage_module
 
 REPO = Path(__file__).resolve().parents[1]
 PER_SPLIT = {"train": 6, "dev": 4, "test": 10}
@@ -380,12 +380,7 @@ def test_no_gold_labels_in_test(setup, tmp_path):
 
 
 def load_stage():
-    spec = importlib.util.spec_from_file_location(
-        "stage_classify_evaluate", REPO / "stages" / "classify_evaluate.py"
-    )
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    return stage
+    return stage_module("classify_evaluate")
 
 
 def test_stage_script_in_process(setup, tmp_path, capsys):

@@ -23,6 +23,7 @@ from pipeline.core.errors import ConfigError, InputError, StoreError
 from pipeline.store.format import shard_files
 from tests.classify_fixtures import corpus_config, labels_of, make_classifier, write_sib_slice
 from tests.conftest import make_tokenizer
+from tests.work_race import race
 
 CFG = ClassifyLogitsConfig(batch_size=8, chunk_rows=8, shard_chunks=2)
 
@@ -120,7 +121,79 @@ def test_a_killed_run_resumes_to_the_same_bytes(world, tmp_path, monkeypatch):
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     for f in files:
         assert (store / f).read_bytes() == (out / f).read_bytes(), f
-    assert not work.exists() or not any(work.iterdir())
+    assert [p.suffix for p in work.iterdir()] == [".lock"]  # the work folder itself is gone
+
+
+def _same_files(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_two_concurrent_runs_compute_the_store_once(world, tmp_path, monkeypatch, caplog):
+    """A second run of the same key waits for the first, then finds the store in place and
+    finishes without computing: every shard computed once, the same store and metrics."""
+    import pipeline.classify.logits as mod
+
+    root, ccfg, _, teacher, store, metrics = world
+    out = tmp_path / "s.zarr"
+    kw = dict(teacher=teacher, out=out, metrics=tmp_path / "m.json", work_dir=tmp_path / "w")
+    results, errors, computed = race(
+        monkeypatch,
+        caplog,
+        mod,
+        "write_shard_arrays",
+        lambda: run_classify_logits(CFG, ccfg, progress=False, **kw),
+    )
+    assert errors == []
+    assert results == {"first": metrics, "second": metrics}
+    assert len(computed) == len(set(computed)) == len(store_shards(store))  # each shard once
+    _same_files(store, out)
+    assert sum("another classify_logits run (pid" in m for m in caplog.messages) == 1
+    assert sum("computed by another run of classify_logits" in m for m in caplog.messages) == 1
+
+
+def store_shards(store: Path) -> list[tuple[str, int]]:
+    from pipeline.classify.store import ClassStoreSpec
+    from pipeline.store.format import read_attrs
+
+    return ClassStoreSpec.from_attrs(read_attrs(store)).all_shards()
+
+
+def test_metrics_are_written_only_once_the_store_is_in_place(world, tmp_path, monkeypatch):
+    """When the metrics are written the store is in place and complete; if writing them fails,
+    one line says so, and the rerun writes them without computing anything."""
+    import pipeline.classify.logits as mod
+    import pipeline.store.work as work
+
+    root, ccfg, _, teacher, store, metrics = world
+    out, mpath = tmp_path / "s.zarr", tmp_path / "m.json"
+    real, seen = work.write_json, []
+
+    def read_only(path, data) -> None:
+        if Path(path) == mpath:
+            seen.append(read_class_attrs(out)["complete"])
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(work, "write_json", read_only)
+    kw = dict(teacher=teacher, out=out, metrics=mpath, work_dir=tmp_path / "w", progress=False)
+    with pytest.raises(StoreError) as e:
+        run_classify_logits(CFG, ccfg, **kw)
+    assert seen == [True]
+    assert str(e.value) == (
+        f"{out} is in place and complete, but writing its metrics to {mpath} failed ([Errno 13] "
+        f"Permission denied: '{mpath}'): make {tmp_path} writable (or choose another output "
+        "path) and re-run classify_logits (it finds the store in place and writes only the "
+        "metrics)"
+    )
+    assert not mpath.exists()
+    monkeypatch.setattr(work, "write_json", real)
+    monkeypatch.setattr(mod, "write_shard_arrays", None)  # nothing may be computed
+    assert run_classify_logits(CFG, ccfg, **kw) == metrics
+    assert json.loads(mpath.read_text()) == metrics
+    _same_files(store, out)
 
 
 def test_teacher_with_another_head_size_is_refused(world, tmp_path):
@@ -174,7 +247,7 @@ def test_consumer_refuses_a_damaged_or_incomplete_store(world, tmp_path):
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     f.write_bytes(bytes(raw))
-    with pytest.raises(StoreError, match=r"shard train/logprobs/1 is damaged"):
+    with pytest.raises(StoreError, match=r"train/logprobs/1: checksum mismatch .*damaged"):
         check_class_store(damaged, corpus)
     f.unlink()
     with pytest.raises(StoreError, match="shard file missing"):
@@ -231,5 +304,5 @@ def test_cli_inspects_and_verifies_a_classification_store(world, tmp_path, capsy
     f = shard_files(damaged, "dev", 0, ("id",))["dev/id/0"]
     f.write_bytes(f.read_bytes()[:-3])
     assert main(["verify", str(damaged)]) == 1
-    assert "shard dev/id/0 is damaged" in capsys.readouterr().out
+    assert "dev/id/0: checksum mismatch" in capsys.readouterr().out
     assert main(["verify", str(store), "--tokenizer", str(tmp_path)]) == 2

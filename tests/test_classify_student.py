@@ -245,6 +245,24 @@ def test_a_checkpoint_of_another_config_is_set_aside(env, tmp_path, monkeypatch)
     assert run(env, tmp_path, same)["resumed_from_step"] == 2
 
 
+def test_a_truncated_checkpoint_is_set_aside_and_the_previous_resumed(env, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    cfg = ClassifyStudentConfig(**TINY, **VARIANTS["kd"])
+    ref = run(env, tmp_path / "ref", cfg)
+    interrupted(env, tmp_path, cfg, after=5, monkeypatch=monkeypatch)
+    (latest,) = (tmp_path / "work").glob("*/latest.pt")
+    latest.write_bytes(latest.read_bytes()[:1000])
+    again = run(env, tmp_path, cfg)
+    assert again["resumed_from_step"] == 2  # previous.pt
+    assert latest.with_name("latest.pt.damaged-1").is_file()  # kept, out of the way
+    a = load_file(tmp_path / "ref" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "student" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert again["best_step"] == ref["best_step"]
+
+
 def refused(env, tmp, cfg, error, **kw) -> str:
     p = {**paths(env, tmp), **kw}
     with pytest.raises(error) as e:

@@ -71,6 +71,21 @@ def test_inspect_json(store, capsys):
     assert 0 < d["bytes_per_entry_ids_logprobs"] < d["bytes_per_entry_all"]
 
 
+def test_inspect_escapes_control_characters_of_attribute_strings(tmp_path, capsys):
+    data = make_data()
+    attrs = make_attrs(data)
+    attrs["teacher"]["name"] = "evil\x1b[31mred\u202e Привет"
+    build_store(tmp_path / "s.zarr", data, attrs=attrs)
+    assert main(["inspect", str(tmp_path / "s.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher:    evil\\x1b[31mred\\u202e Привет @ main  LlamaForCausalLM" in out
+    assert "\x1b" not in out and "\u202e" not in out
+    assert main(["inspect", "--json", str(tmp_path / "s.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out
+    assert json.loads(out)["teacher"]["name"] == attrs["teacher"]["name"]
+
+
 def test_inspect_shows_compressors_of_a_sample_store(tmp_path, capsys):
     build_store(tmp_path / "s.zarr", method="sample")
     assert main(["inspect", "--json", str(tmp_path / "s.zarr")]) == 0

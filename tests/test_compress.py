@@ -19,10 +19,12 @@ from pipeline.compress.compressed import (
     load_compressed,
     parameter_counts,
     quantize_rows,
+    read_manifest,
 )
 from pipeline.core.config import from_params
 from pipeline.core.errors import ConfigError, InputError
 from tests.classify_fixtures import make_classifier
+from tests.conftest import stage_module
 
 REPO = Path(__file__).resolve().parents[1]
 V = 300
@@ -192,24 +194,27 @@ def test_fresh_process_loads_and_runs_on_cpu(tmp_path, student_dirs):
     out = tmp_path / "c"
     run_compress(CompressConfig(), student=student_dirs[True], out=out, metrics=tmp_path / "m.json")
     x = _ids()
+    kernels = ("dynamic", "dequantize")
     code = (
         "import json, sys, torch\n"
         "from pipeline.compress.compressed import load_compressed\n"
-        "m = load_compressed(sys.argv[1], int8_kernel=sys.argv[2])\n"
-        "x = torch.tensor(json.loads(sys.argv[3]))\n"
-        "with torch.no_grad():\n"
-        "    print(json.dumps(m(input_ids=x).logits.tolist()))\n"
+        "x = torch.tensor(json.loads(sys.argv[2]))\n"
+        "for kernel in sys.argv[3:]:\n"
+        "    m = load_compressed(sys.argv[1], int8_kernel=kernel)\n"
+        "    with torch.no_grad():\n"
+        "        print(json.dumps(m(input_ids=x).logits.tolist()))\n"
     )
-    for kernel in ("dynamic", "dequantize"):
-        proc = subprocess.run(
-            [sys.executable, "-c", code, str(out), kernel, json.dumps(x.tolist())],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-            env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"},
-        )
-        child = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out), json.dumps(x.tolist()), *kernels],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"},
+    )
+    lines = proc.stdout.strip().splitlines()[-len(kernels) :]
+    for kernel, line in zip(kernels, lines, strict=True):
+        child = torch.tensor(json.loads(line))
         with torch.no_grad():
             here = load_compressed(out, int8_kernel=kernel)(input_ids=x).logits
         torch.testing.assert_close(child, here, atol=1e-5, rtol=1e-5)
@@ -253,6 +258,88 @@ def test_corrupt_weights_are_refused(tmp_path, student_dirs):
     )
 
 
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory, student_dirs) -> Path:
+    out = tmp_path_factory.mktemp("compressed") / "c"
+    run_compress(CompressConfig(), student=student_dirs[True], out=out, metrics=out.parent / "m")
+    return out
+
+
+def _with_manifest(tmp_path: Path, compressed_dir: Path, edit) -> Path:
+    """A copy of `compressed_dir` whose manifest `edit(manifest)` changed in place, or replaced
+    by the text `edit` returns."""
+    import shutil
+
+    out = tmp_path / "c"
+    shutil.copytree(compressed_dir, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    edited = edit(manifest)
+    text = edited if isinstance(edited, str) else json.dumps(manifest)
+    (out / MANIFEST).write_text(text)
+    return out
+
+
+@pytest.mark.parametrize("name", ["../../etc/x", "/etc/passwd", "sub/../../x", ".", ""])
+def test_a_weights_file_outside_the_folder_is_refused(tmp_path, compressed_dir, name):
+    out = _with_manifest(tmp_path, compressed_dir, lambda m: m["weights"].update(file=name))
+    with pytest.raises(InputError) as e:
+        load_compressed(out)
+    assert str(e.value) == (
+        f"{out / MANIFEST}: weights file '{name}' is outside the model folder; the manifest is "
+        "corrupt: re-run the compress stage"
+    )
+
+
+def test_a_weights_file_linked_outside_the_folder_is_refused(tmp_path, compressed_dir):
+    (tmp_path / "elsewhere").write_bytes(b"x")
+    out = _with_manifest(tmp_path, compressed_dir, lambda m: m["weights"].update(file="w.bin"))
+    (out / "w.bin").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(InputError) as e:
+        read_manifest(out)
+    assert "weights file 'w.bin' is outside the model folder" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (
+            lambda m: '{"format": "softlabels-int8", ',
+            "not valid JSON (Expecting property name "
+            "enclosed in double quotes at line 1 column 31)",
+        ),
+        (lambda m: "[1, 2]", "holds a JSON list, not an object"),
+        (lambda m: m.pop("weights"), "key weights is missing"),
+        (lambda m: m["weights"].pop("sha256") and None, "key weights.sha256 is missing"),
+        (lambda m: m["head"].update(tied="yes"), "head.tied is of type str, expected bool"),
+        (lambda m: m.update(parameters=None), "parameters is of type NoneType, expected int"),
+        (
+            lambda m: m.update(quantized=[{"name": 3}]),
+            "quantized[0] is not a {name, kind: linear|embedding} entry",
+        ),
+    ],
+)
+def test_a_malformed_manifest_is_one_input_error(tmp_path, compressed_dir, edit, problem):
+    out = _with_manifest(tmp_path, compressed_dir, edit)
+    with pytest.raises(InputError) as e:
+        load_compressed(out)
+    assert str(e.value) == (
+        f"{out / MANIFEST}: {problem}; the manifest is corrupt: re-run the compress stage"
+    )
+
+
+def test_a_manifest_naming_a_module_the_model_lacks_is_refused(tmp_path, compressed_dir):
+    def edit(m):
+        m["quantized"][0]["name"] = "model.layers.7.mlp.\x1b[31m"
+
+    out = _with_manifest(tmp_path, compressed_dir, edit)
+    with pytest.raises(InputError) as e:
+        load_compressed(out)
+    assert str(e.value) == (
+        f"{out / MANIFEST}: module 'model.layers.7.mlp.\\x1b[31m' is not a layer with a weight "
+        "matrix in the model of config.json; the manifest is corrupt: re-run the compress stage"
+    )
+
+
 def test_not_a_compressed_folder(student_dirs):
     with pytest.raises(InputError) as e:
         load_compressed(student_dirs[True])
@@ -293,7 +380,7 @@ def test_params_yaml_section_and_help():
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch + transformers: ~10-15 s
-def test_stage_script(tmp_path, student_dirs):
+def test_stage_script(tmp_path, student_dirs, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"compress": {"prune": {"amount": 0.5}}}))
     proc = subprocess.run(
@@ -316,25 +403,10 @@ def test_stage_script(tmp_path, student_dirs):
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["block_sparsity"] == pytest.approx(0.5, abs=0.01)
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "stages/compress.py",
-            "--params",
-            str(params),
-            "--student",
-            str(tmp_path / "missing"),
-            "--out",
-            str(tmp_path / "c2"),
-            "--metrics",
-            str(tmp_path / "m2.json"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines()[-1] == (
+    argv = ["--params", str(params), "--student", str(tmp_path / "missing")]
+    argv += ["--out", str(tmp_path / "c2"), "--metrics", str(tmp_path / "m2.json")]
+    assert stage_module("compress").main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'missing'}: no such student folder (train it first: "
         "`dvc repro train_student`, or `dvc repro classify_student@kd` for the classifier)"
     )
@@ -477,13 +549,9 @@ def test_multi_layer_classifier_head(tmp_path, tiny_tokenizer):
 def test_classify_compress_section(tmp_path, classifier_dir, capsys):
     """stages/compress.py --section classify_compress reads that section (same keys); errors
     name it."""
-    import importlib.util
-
     from pipeline.core.stage_cli import load_section
 
-    spec = importlib.util.spec_from_file_location("stage_compress", REPO / "stages/compress.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
+    stage = stage_module("compress")
     params = tmp_path / "params.yaml"
     params.write_text(
         yaml.safe_dump({"compress": {}, "classify_compress": {"prune": {"amount": 0.5}}})

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.core.config import from_mapping
 from pipeline.core.errors import ConfigError, InputError
-from pipeline.data.corpus import CorpusConfig, read_corpus, split_documents
+from pipeline.data.corpus import CorpusConfig, has_visible_text, read_corpus, split_documents
 from tests.conftest import write_corpus
 
 
@@ -49,6 +49,18 @@ def test_jsonl_and_parquet_records(tmp_path):
     docs = read_corpus(cfg(tmp_path))
     assert sorted(docs.train["en"] + docs.validation["en"]) == ["good day", "hello world"]
     assert docs.skipped["fr"]["language_not_selected"] == 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"PAR1" + bytes(range(256)) * 4 + b"PAR1", b"not parquet at all"],
+    ids=["garbage_between_magics", "no_magic"],
+)
+def test_corrupt_parquet_is_one_input_error(tmp_path, content):
+    (tmp_path / "a.parquet").write_bytes(content)
+    with pytest.raises(InputError, match=r"a.parquet: not a readable parquet file \(") as e:
+        read_corpus(cfg(tmp_path))
+    assert "\n" not in str(e.value)
 
 
 def test_missing_path(tmp_path):
@@ -114,3 +126,65 @@ def test_bad_jsonl_record(tmp_path):
 def test_param_errors_name_the_key(values, message):
     with pytest.raises(ConfigError, match=message):
         from_mapping(CorpusConfig, values, "corpus")
+
+
+def test_invisible_lines_are_counted_under_no_visible_text(tmp_path):
+    junk = [
+        "\x00",
+        "\x00\x00 \x00",
+        "\u200b",
+        "\u200d\u2060\ufeff",
+        "\x1b\x9f\u00ad",
+        "\u2028\u3000\u200e",
+    ]
+    root = write_corpus(
+        tmp_path, {"en": ["a b", *junk, "", "\u2028\u3000 \t", "\ufeff", "c d"], "de": ["x", "y"]}
+    )
+    docs = read_corpus(cfg(root))
+    assert sorted(docs.train["en"] + docs.validation["en"]) == ["a b", "c d"]
+    assert docs.skipped["en"]["no_visible_text"] == len(junk) + 1  # the lone BOM too
+    assert docs.skipped["en"]["empty_line"] == 2  # "" and the one of only whitespace
+    # Invisible characters inside a document with visible text are kept as they are.
+    assert has_visible_text("\u200bword") and not has_visible_text("\u200b\ufeff\x00")
+
+
+def test_invisible_records_are_counted_too(tmp_path):
+    rows = [{"text": t, "lang": "en"} for t in ("hello", "\x00\u200b", "   ", "world")]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    docs = read_corpus(cfg(tmp_path, langs=["en"]))
+    assert sorted(docs.train["en"] + docs.validation["en"]) == ["hello", "world"]
+    assert docs.skipped["en"]["no_visible_text"] == 1 and docs.skipped["en"]["empty_line"] == 1
+
+
+def test_too_long_lines_are_counted_and_the_rest_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.data.corpus.READ_BLOCK", 64)
+    write_corpus(tmp_path, {"de": ["x", "y"]})
+    # 11 chars (decoded, then too long); 2 kB of invalid UTF-8 (over 4 x 10 bytes: never decoded,
+    # or on_invalid_utf8=error would stop); a 5 kB line, read past in 64-byte blocks; 10 chars
+    # (kept: the cap is inclusive); and a last line without a final newline.
+    (tmp_path / "en.txt").write_bytes(
+        b"short one\n" + b"z" * 11 + b"\n" + b"\xff" * 2000 + b"\nkept\n" + b"q" * 5000
+        + b"\nten chars!\nlast"
+    )  # fmt: skip
+    docs = read_corpus(cfg(tmp_path, max_doc_chars=10))
+    kept = ["kept", "last", "short one", "ten chars!"]
+    assert sorted(docs.train["en"] + docs.validation["en"]) == kept
+    assert docs.skipped["en"]["too_long"] == 3
+    assert docs.skipped["en"]["invalid_utf8"] == 0
+    # Under the default cap (100k characters) none of these is too long.
+    assert read_corpus(cfg(tmp_path, on_invalid_utf8="skip")).skipped["en"]["too_long"] == 0
+
+
+def test_unselected_and_misnamed_txt_files_are_counted_and_logged(tmp_path, caplog):
+    root = write_corpus(tmp_path, {"en": ["a", "b"], "de": ["x", "y"], "fr": ["f"], "pt-BR": ["p"]})
+    (root / "english.txt").write_text("misnamed\n")
+    (root / "SOURCES.md").write_text("# sources\n")  # not a data file: neither read nor counted
+    (root / "manifest.json").write_text("{}")
+    with caplog.at_level("INFO", logger="pipeline.data.corpus"):
+        docs = read_corpus(cfg(root))
+    assert docs.files_skipped == {
+        "language_not_selected": [str(root / "fr.txt"), str(root / "pt-BR.txt")],
+        "not_a_language_code": [str(root / "english.txt")],
+    }
+    assert "2 .txt file(s) not read (language_not_selected): fr.txt, pt-BR.txt" in caplog.text
+    assert "1 .txt file(s) not read (not_a_language_code): english.txt" in caplog.text

@@ -9,7 +9,6 @@ teacher itself with pipeline.store.format (top-k with k = V, top-k with small k,
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from pipeline.evaluate.common import parse_named
 from pipeline.evaluate.evaluate import EvaluateConfig, run_evaluate
 from pipeline.store.format import SplitSpec, StoreSpec, create_store, finalize_store, write_shard
 from pipeline.store.verify import _TOKENIZER_ADVICE, abbreviate
+from tests.conftest import stage_module
 
 REPO = Path(__file__).resolve().parents[1]
 N, L = 10, 16
@@ -360,8 +360,8 @@ def test_tokenizer_mismatch(setup, tmp_path):
         evaluate(setup, tmp_path, "topk8", models=[("other", other)])
     assert str(e.value) == (
         f"model 'other' ({other}): its tokenizer does not match the one the validation data and "
-        "soft labels were made with:\n"
-        f"  - tokenizer.sha256 differs: store {abbreviate(ours['sha256'])} vs yours "
+        "soft labels were made with: "
+        f"tokenizer.sha256 differs: store {abbreviate(ours['sha256'])} vs yours "
         f"{abbreviate(theirs['sha256'])}; {_TOKENIZER_ADVICE}"
     )
 
@@ -400,8 +400,8 @@ def test_store_from_other_token_ids(setup, tmp_path):
     with pytest.raises(StoreError) as e:
         evaluate(setup, tmp_path, "topk8", tokenized=other)
     assert str(e.value).startswith(
-        f"{setup['stores']['topk8']}: refusing to evaluate against this logits store:\n"
-        "  - dataset.splits.validation.fingerprint differs: "
+        f"{setup['stores']['topk8']}: refusing to evaluate against this logits store: "
+        "dataset.splits.validation.fingerprint differs: "
     )
 
 
@@ -441,9 +441,7 @@ def test_config_errors():
 def test_stage_script_in_process(setup, tmp_path, capsys):
     import yaml
 
-    spec = importlib.util.spec_from_file_location("stage_evaluate", REPO / "stages" / "evaluate.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
+    stage = stage_module("evaluate")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"evaluate": {"throughput_repeats": 1, "batch_size": 4}}))
     base = [
@@ -478,9 +476,7 @@ def test_params_yaml_section_and_help(capsys):
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert from_params(EvaluateConfig, params, "evaluate") == EvaluateConfig()
-    spec = importlib.util.spec_from_file_location("stage_evaluate", REPO / "stages" / "evaluate.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
+    stage = stage_module("evaluate")
     with pytest.raises(SystemExit) as e:
         stage.main(["--help"])
     assert e.value.code == 0

@@ -247,7 +247,8 @@ def test_verify_names_every_corrupt_shard(tmp_path):
     problems = verify_store(path)
     assert problems[:2] == [
         f"{key}: checksum mismatch (recorded {sums[key][:12]}…, on disk "
-        f"{sha256_file(file)[:12]}…); the file is corrupt — pull or rebuild the store"
+        f"{sha256_file(file)[:12]}…, {file.stat().st_size} bytes); the file is corrupt or "
+        "truncated"
         for key, file in bad.items()
     ]
     # Nothing else is blamed: the corrupt shards' data is not decoded.
@@ -343,15 +344,18 @@ def test_check_compatible_messages():
         "teacher_logits on it (`dvc repro teacher_logits`) or tokenize with the corpus and params "
         "the store was made from"
     )
+    # One line: problems sharing their advice are listed together, each advice said once.
     with pytest.raises(StoreError) as e:
-        check_compatible(attrs, vocab_size=64, tokenizer_identity={**tok, "eos_id": 2})
-    assert str(e.value).splitlines() == [
+        other = {**tok, "sha256": "c" * 64, "eos_id": 2}
+        check_compatible(attrs, vocab_size=64, tokenizer_identity=other)
+    assert str(e.value) == (
+        "tokenizer.sha256 differs: store bbbbbbbbbbbb… vs yours cccccccccccc…, "
         "tokenizer.eos_id differs: store 1 vs yours 2; the store was made with another tokenizer "
-        "— re-run teacher_logits with this tokenizer or use the teacher's tokenizer",
+        "— re-run teacher_logits with this tokenizer or use the teacher's tokenizer; "
         "teacher.vocab_size differs: store 50 vs yours 64; the stored ids index the teacher's "
         "vocabulary — use a student with the teacher's vocabulary size or re-run teacher_logits "
-        "with a matching teacher",
-    ]
+        "with a matching teacher"
+    )
 
 
 def test_verify_against_tokenizer_and_tokenized_dataset(tmp_path):

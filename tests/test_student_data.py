@@ -150,8 +150,8 @@ def test_incomplete_store_is_refused(env, tmp_path):
     data = env["data"]
     build_store(tmp_path / "s.zarr", data, attrs=make_attrs(data, env["identity"]), finalize=False)
     assert refusal(env, store=tmp_path / "s.zarr") == (
-        f"{tmp_path / 's.zarr'}: refusing to train from this logits store:\n"
-        "  - the store is not complete (complete=false): teacher_logits has not finished and "
+        f"{tmp_path / 's.zarr'}: refusing to train from this logits store: "
+        "the store is not complete (complete=false): teacher_logits has not finished and "
         "verified every shard; finish it (`dvc repro teacher_logits` resumes) or pull a "
         "complete store (`dvc pull`)"
     )
@@ -161,14 +161,14 @@ def test_store_of_another_tokenizer_or_vocab_is_refused(env, tmp_path):
     other = make_tokenizer(tmp_path / "other", shift=1)
     store = env["root"] / "store.zarr"
     assert refusal(env, identity=other) == (
-        f"{store}: refusing to train from this logits store:\n"
-        f"  - tokenizer.sha256 differs: store {env['identity']['sha256'][:12]}… vs yours "
+        f"{store}: refusing to train from this logits store: "
+        f"tokenizer.sha256 differs: store {env['identity']['sha256'][:12]}… vs yours "
         f"{other['sha256'][:12]}…; the store was made with another tokenizer — re-run "
         "teacher_logits with this tokenizer or use the teacher's tokenizer"
     )
     assert refusal(env, vocab=64) == (
-        f"{store}: refusing to train from this logits store:\n"
-        f"  - teacher.vocab_size differs: store {V} vs yours 64; the stored ids index the "
+        f"{store}: refusing to train from this logits store: "
+        f"teacher.vocab_size differs: store {V} vs yours 64; the stored ids index the "
         "teacher's vocabulary — use a student with the teacher's vocabulary size or re-run "
         "teacher_logits with a matching teacher"
     )
@@ -180,14 +180,17 @@ def test_store_of_other_input_ids_is_refused(env, tmp_path):
     message = refusal(env, tokenized=tmp_path / "tokenized")
     store_fp = env["data"]["train"][0]
     assert message.startswith(
-        f"{env['root'] / 'store.zarr'}: refusing to train from this logits store:\n"
+        f"{env['root'] / 'store.zarr'}: refusing to train from this logits store: "
     )
     assert (
-        f"  - dataset.splits.train.fingerprint differs: store {ids_fingerprint(store_fp)[:12]}… "
-        f"vs yours {ids_fingerprint(data['train'][0])[:12]}…; the store's input ids are not this "
-        "tokenized dataset — re-run teacher_logits on it (`dvc repro teacher_logits`) or tokenize "
-        "with the corpus and params the store was made from"
-    ) in message.splitlines()
+        f"dataset.splits.train.fingerprint differs: store {ids_fingerprint(store_fp)[:12]}… "
+        f"vs yours {ids_fingerprint(data['train'][0])[:12]}…"
+    ) in message
+    assert message.endswith(
+        "; the store's input ids are not this tokenized dataset — re-run teacher_logits on it "
+        "(`dvc repro teacher_logits`) or tokenize with the corpus and params the store was made from"
+    )
+    assert "\n" not in message
 
 
 def test_missing_store_is_refused(env, tmp_path):

@@ -23,6 +23,7 @@ from pipeline.core.config import from_params, load_params
 from pipeline.core.errors import ConfigError, InputError, StoreError
 from pipeline.store.format import read_attrs
 from pipeline.store.verify import verify_store
+from tests.work_race import race
 
 REPO = Path(__file__).resolve().parents[1]
 LANGS = ("en", "de", "zh")
@@ -115,8 +116,9 @@ def test_end_to_end_store_verifies(tmp_path, tiny_teacher, tokenized, method, dt
     assert 0 < overall["covered_mass"] <= 1 and 0 < overall["top1_prob"] <= 1
     assert overall["entropy"] > 0
     assert 0 < metrics["storage"]["bytes_per_entry"] < 6
-    # nothing left behind: the work folder is emptied, no partial files next to the output
-    assert list((tmp_path / "work").iterdir()) == []
+    # nothing left behind: the work folder is deleted (only its small lock file, which records
+    # the finished output, stays), no partial files next to the output
+    assert [p.suffix for p in (tmp_path / "work").iterdir()] == [".lock"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["teacher.zarr"]
     assert not [p for p in out.rglob("*") if p.name.endswith((".partial", ".tmp"))]
 
@@ -174,7 +176,7 @@ def _write_params(path: Path, section: dict) -> Path:
 def test_sigkill_and_rerun_gives_a_byte_identical_store(tmp_path, tiny_teacher, tiny_tokenizer):
     """Kill -9 the stage twice mid-run (after the 1st and a later shard record), re-run: the
     store is byte-identical to an uninterrupted run and has no partial files."""
-    tok = write_tokenized(tmp_path / "tok", len(tiny_tokenizer), {"train": 120, "validation": 8})
+    tok = write_tokenized(tmp_path / "tok", len(tiny_tokenizer), {"train": 56, "validation": 8})
     section = {
         "method": "sample",
         "k": 8,
@@ -203,14 +205,14 @@ def test_sigkill_and_rerun_gives_a_byte_identical_store(tmp_path, tiny_teacher, 
         proc.wait()
         assert not (root / "out").exists()  # the output appears only complete
         done = len(list((root / "work").glob("*/shards/*.json")))
-        assert wait_for <= done < 64, done
+        assert wait_for <= done < 32, done  # 28 + 4 shards
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "resuming:" in result.stderr
     resumed = tree_bytes(root / "out" / "teacher.zarr")
     assert resumed.keys() == clean.keys()
     assert [k for k in clean if clean[k] != resumed[k]] == []
-    assert list((root / "work").iterdir()) == []
+    assert [p.suffix for p in (root / "work").iterdir()] == [".lock"]
     assert json.loads((root / "metrics.json").read_text()) == json.loads(
         (tmp_path / "clean" / "metrics.json").read_text()
     )
@@ -239,7 +241,7 @@ def test_disk_full_keeps_finished_shards_and_rerun_resumes(
     root = tmp_path / "full"
     with pytest.raises(StoreError) as e:
         run(cfg, tiny_teacher, tokenized, root)
-    (kdir,) = (root / "work").iterdir()
+    (kdir,) = (p for p in (root / "work").iterdir() if p.is_dir())
     assert str(e.value) == (
         "disk full while writing soft labels ([Errno 28] No space left on device); the 2 "
         f"finished shard(s) are kept in {kdir}: free space and re-run teacher_logits to resume"
@@ -264,6 +266,208 @@ def test_disk_full_keeps_finished_shards_and_rerun_resumes(
         ("validation", 1),
     ]
     assert tree_bytes(root / "out" / "teacher.zarr") == clean
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, tiny_teacher, tokenized) -> tuple[dict[str, bytes], dict]:
+    """An uninterrupted run of small_cfg(): the store's bytes and the metrics."""
+    root = tmp_path_factory.mktemp("clean")
+    metrics = run(small_cfg(), tiny_teacher, tokenized, root)
+    return tree_bytes(root / "out" / "teacher.zarr"), metrics
+
+
+def counting_write_shard(monkeypatch) -> list[tuple[str, int]]:
+    """Record every (split, shard) the stage computes and writes."""
+    import pipeline.capture.shards as shards
+
+    real, calls = shards.write_shard, []
+
+    def counting(*args, **kwargs):
+        calls.append(args[2:4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", counting)
+    return calls
+
+
+ADVICE = {
+    errno.ENOSPC: "free space on the filesystem of {folder}",
+    errno.EROFS: "make {folder} writable (or choose another output path)",
+}
+
+
+@pytest.mark.parametrize("code", sorted(ADVICE))
+def test_failed_copy_to_another_filesystem_keeps_the_finished_store(
+    tmp_path, tiny_teacher, tokenized, clean, monkeypatch, code
+) -> None:
+    """--out on another filesystem that fills up (or is read-only) mid-copy: the partial copy is
+    deleted, the previous output and the finished work store are kept, no metrics are written,
+    the error is one line; the rerun moves the kept store into place without computing."""
+    import pipeline.store.work as work
+
+    clean_bytes, clean_metrics = clean
+    monkeypatch.setattr(work, "same_filesystem", lambda a, b: False)
+    real, copied = work.copy_file, []
+
+    def filling(src: Path, dst: Path) -> None:
+        if len(copied) == 5:
+            raise OSError(code, os.strerror(code))
+        real(src, dst)
+        copied.append(dst)
+
+    monkeypatch.setattr(work, "copy_file", filling)
+    out = tmp_path / "out" / "teacher.zarr"
+    out.mkdir(parents=True)
+    (out / "previous").write_text("the previous output")
+    with pytest.raises(StoreError) as e:
+        run(small_cfg(), tiny_teacher, tokenized, tmp_path)
+    (kdir,) = (p for p in (tmp_path / "work").iterdir() if p.is_dir())
+    assert str(e.value) == (
+        f"cannot put the finished store in place at {out} ([Errno {code}] {os.strerror(code)}); "
+        f"the partial copy was removed and the finished store is kept in {kdir / 'teacher.zarr'}"
+        f": {ADVICE[code].format(folder=out.parent)} and re-run teacher_logits (it moves the kept "
+        "store into place without recomputing)"
+    )
+    assert len(copied) == 5 and all(".teacher.zarr.partial-" in str(p) for p in copied)
+    assert [p.name for p in out.parent.iterdir()] == ["teacher.zarr"]  # no partial copy left
+    assert tree_bytes(out) == {"previous": b"the previous output"}
+    assert not (tmp_path / "metrics.json").exists()
+    assert tree_bytes(kdir / "teacher.zarr") == clean_bytes  # finished, complete, intact
+
+    monkeypatch.setattr(work, "copy_file", real)  # space freed; still another filesystem
+    computed = counting_write_shard(monkeypatch)
+    assert run(small_cfg(), tiny_teacher, tokenized, tmp_path) == clean_metrics
+    assert computed == []
+    assert tree_bytes(out) == clean_bytes
+    assert [p.name for p in out.parent.iterdir()] == ["teacher.zarr"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == clean_metrics
+    assert [p.suffix for p in (tmp_path / "work").iterdir()] == [".lock"]
+
+
+def test_partial_copy_of_a_killed_run_is_removed_by_the_next_run(
+    tmp_path, tiny_teacher, tokenized
+) -> None:
+    """A `.teacher.zarr.partial-<pid>` whose process is gone (killed mid-copy) is deleted; one
+    of a live process (another run copying now) is left alone."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    stale = tmp_path / "out" / f".teacher.zarr.partial-{int(gone.stdout)}"
+    (stale / "train").mkdir(parents=True)
+    (stale / "train" / "ids").write_bytes(b"\0" * 4096)
+    live = tmp_path / "out" / f".teacher.zarr.partial-{os.getppid()}"
+    live.mkdir()
+    run(small_cfg(), tiny_teacher, tokenized, tmp_path)
+    assert not stale.exists() and live.is_dir()
+
+
+def test_metrics_are_written_only_once_the_store_is_in_place(
+    tmp_path, tiny_teacher, tokenized, clean, monkeypatch
+) -> None:
+    """When the metrics are written the store is in place and complete; if writing them fails,
+    one line says so, and the rerun writes them without computing anything."""
+    import pipeline.store.work as work
+
+    clean_bytes, clean_metrics = clean
+    out, metrics = tmp_path / "out" / "teacher.zarr", tmp_path / "metrics.json"
+    real, seen = work.write_json, []
+
+    def full_disk(path, data) -> None:
+        if Path(path) == metrics:
+            seen.append(read_attrs(out)["complete"])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(work, "write_json", full_disk)
+    with pytest.raises(StoreError) as e:
+        run(small_cfg(), tiny_teacher, tokenized, tmp_path)
+    assert seen == [True]
+    assert str(e.value) == (
+        f"{out} is in place and complete, but writing its metrics to {metrics} failed ([Errno 28] "
+        f"No space left on device): free space on the filesystem of {tmp_path} and re-run "
+        "teacher_logits (it finds the store in place and writes only the metrics)"
+    )
+    assert not metrics.exists() and tree_bytes(out) == clean_bytes
+
+    monkeypatch.setattr(work, "write_json", real)
+    computed = counting_write_shard(monkeypatch)
+    assert run(small_cfg(), tiny_teacher, tokenized, tmp_path) == clean_metrics
+    assert computed == []
+    assert json.loads(metrics.read_text()) == clean_metrics
+
+
+def test_two_concurrent_runs_compute_the_store_once(
+    tmp_path, tiny_teacher, tokenized, clean, monkeypatch, caplog
+) -> None:
+    """Two runs on the same work dir: the second waits for the first (one line naming its pid),
+    then finds the store in place and finishes without computing. Both succeed, every shard is
+    computed once, and the store and metrics are those of a single run."""
+    import pipeline.capture.shards as shards
+
+    clean_bytes, clean_metrics = clean
+    results, errors, computed = race(
+        monkeypatch,
+        caplog,
+        shards,
+        "write_shard",
+        lambda: run(small_cfg(), tiny_teacher, tokenized, tmp_path),
+    )
+    assert errors == []
+    assert results == {"first": clean_metrics, "second": clean_metrics}
+    assert sorted(computed) == sorted(set(computed)) and len(computed) == 6  # each shard once
+    out = tmp_path / "out" / "teacher.zarr"
+    assert tree_bytes(out) == clean_bytes
+    (lock,) = (tmp_path / "work").iterdir()
+    kdir = lock.with_suffix("")
+    assert [m for m in caplog.messages if "waiting" in m] == [
+        f"another teacher_logits run (pid {os.getpid()}) is computing this store in {kdir}; "
+        "waiting for it"
+    ]
+    assert (
+        f"{out} is already in place, computed by another run of teacher_logits with the same "
+        "key; not recomputing"
+    ) in caplog.messages
+
+
+def test_the_work_lock_names_its_holder_and_is_released_when_it_is_killed(tmp_path, caplog) -> None:
+    """Another process holds the lock; this one logs its pid and waits; kill -9 of the holder
+    releases the lock (the OS drops it) and this one gets it."""
+    import logging
+
+    from pipeline.store.work import lock_work
+
+    kdir, out = tmp_path / "work" / "0123abcd", tmp_path / "out" / "teacher.zarr"
+    code = (
+        "import time\nfrom pathlib import Path\nfrom pipeline.store.work import lock_work\n"
+        f"with lock_work(Path({str(kdir)!r}), Path({str(out)!r}), 'teacher_logits'):\n"
+        "    print('locked', flush=True)\n    time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+
+    class KillOnWaiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for it" in record.getMessage():
+                os.kill(holder.pid, signal.SIGKILL)
+
+    handler = KillOnWaiting()
+    logging.getLogger("pipeline.store.work").addHandler(handler)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with (
+            caplog.at_level(logging.INFO, logger="pipeline.store.work"),
+            lock_work(kdir, out, "teacher_logits") as lock,
+        ):
+            assert lock.previous == {"pid": holder.pid}
+    finally:
+        logging.getLogger("pipeline.store.work").removeHandler(handler)
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == -signal.SIGKILL
+    assert caplog.messages == [
+        f"another teacher_logits run (pid {holder.pid}) is computing this store in {kdir}; "
+        "waiting for it"
+    ]
 
 
 @pytest.mark.slow

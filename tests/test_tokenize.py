@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import ConfigError, InputError
-from pipeline.data.corpus import CorpusConfig
+from pipeline.data.corpus import SKIP_REASONS, CorpusConfig
 from pipeline.data.tokenize import TokenizeConfig, balance, run_tokenize
-from tests.conftest import REPO
+from tests.conftest import REPO, write_corpus
 
 LANGS = ["en", "de", "zh"]
 
@@ -60,7 +60,8 @@ def test_output_contract(tmp_path, tiny_corpus, tiny_teacher, tiny_tokenizer):
             st["train_tokens"]
             == st["train_tokens_before_balancing"] + st["train_remainder_tokens_dropped"]
         )
-        assert {"empty_line", "duplicate", "invalid_utf8", "language_not_selected"} <= set(st)
+        assert set(SKIP_REASONS) <= set(st)
+    assert m["files_skipped"] == {"language_not_selected": 0, "not_a_language_code": 0}
     assert m["total"]["train_tokens_after_balancing"] == len(dd["train"]) * 32
 
 
@@ -159,3 +160,32 @@ def test_stage_script_help_and_error_exit(tmp_path):
         "error: tokenize.seq_lenn: unknown key (known: alpha, num_proc, seed, seq_len); "
         "did you mean 'tokenize.seq_len'?"
     )
+
+
+def test_junk_lines_and_files_are_counted_not_tokenized(tmp_path, tiny_corpus, tiny_teacher):
+    lines = {lang: (tiny_corpus / f"{lang}.txt").read_text("utf-8").splitlines() for lang in LANGS}
+    junk = ["\x00\x00\x00", "\u200b\u200c\u200d", "\x01\x7f\x85 \u2060\ufeff"]
+    cap = max(len(line) for doc_lines in lines.values() for line in doc_lines)
+    long_line = "x" * (cap + 1)
+    lines["en"] = lines["en"][:30] + junk + [long_line] + lines["en"][30:]
+    root = write_corpus(tmp_path / "c", {**lines, "fr": ["bonjour"]})
+    (root / "notes.txt").write_text("not a corpus file\n")
+    (root / "manifest.json").write_text("{}")  # not a data file: not counted
+    cfg = TokenizeConfig(seq_len=32, num_proc=1)
+    out, metrics = tmp_path / "o", tmp_path / "m.json"
+    ccfg = corpus(root, max_doc_chars=cap)
+    result = run_tokenize(cfg, ccfg, teacher=tiny_teacher, out=out, metrics=metrics)
+    en = result["languages"]["en"]
+    assert en["no_visible_text"] == 3 and en["too_long"] == 1
+    assert en["train_documents"] + en["validation_documents"] == 60  # the rest is kept
+    assert result["total"]["no_visible_text"] == 3 and result["total"]["too_long"] == 1
+    assert result["files_skipped"] == {"language_not_selected": 1, "not_a_language_code": 1}
+    # Same rows as the clean corpus: the junk never reached the tokenizer.
+    _, _, clean = run(tmp_path, tiny_corpus, tiny_teacher, name="clean")
+    assert result["fingerprints"] == clean["fingerprints"]
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_max_doc_chars_error_names_the_key(value):
+    with pytest.raises(ConfigError, match=rf"^corpus.max_doc_chars: must be >= 1 .*got {value}$"):
+        CorpusConfig(languages=["en"], max_doc_chars=value)

@@ -200,8 +200,8 @@ def test_student_vocab_unlike_the_store_is_refused(env, tmp_path):
     ).save_pretrained(other)
     cfg = TrainStudentConfig(**TINY, model=str(other))
     assert refused(env, tmp_path, cfg, StoreError) == (
-        f"{env / 'sample.zarr'}: refusing to train from this logits store:\n"
-        f"  - teacher.vocab_size differs: store {V} vs yours 64; the stored ids index the "
+        f"{env / 'sample.zarr'}: refusing to train from this logits store: "
+        f"teacher.vocab_size differs: store {V} vs yours 64; the stored ids index the "
         "teacher's vocabulary — use a student with the teacher's vocabulary size or re-run "
         "teacher_logits with a matching teacher"
     )
@@ -253,7 +253,7 @@ def test_resume_after_sigkill_ends_with_identical_weights(env, tmp_path):
     from safetensors.torch import load_file
 
     params = tmp_path / "params.yaml"
-    section = {**TINY, "steps": 100, "checkpoint_every": 10, "eval_every": 0, "log_every": 10}
+    section = {**TINY, "steps": 30, "checkpoint_every": 5, "eval_every": 0, "log_every": 5}
     params.write_text(yaml.safe_dump({"train_student": section}))
     envvars = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = subprocess.run(_stage(env, tmp_path, params, "ref"), env=envvars, capture_output=True)
@@ -286,4 +286,182 @@ def test_resume_after_sigkill_ends_with_identical_weights(env, tmp_path):
         assert torch.equal(a[name], b[name]), name
     rows = (tmp_path / "live-student/plots/metrics/train/loss.tsv").read_text().splitlines()
     steps = [int(r.split("\t")[0]) for r in rows[1:]]
-    assert steps == list(range(10, 101, 10))  # curves continue without duplicates
+    assert steps == list(range(5, 31, 5))  # curves continue without duplicates
+
+
+# -- damaged checkpoints: set aside, never a traceback, never a blocked rerun -------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupted(env: Path, tmp: Path, cfg: TrainStudentConfig, after: int, monkeypatch) -> Path:
+    """Run until `after` steps are done, then die as a kill would; return the checkpoint folder."""
+    from pipeline.student.trainer import StudentTrainer
+
+    calls = {"n": 0}
+    original = StudentTrainer.step
+
+    def step(self, batch):
+        if calls["n"] == after:
+            raise Interrupt
+        calls["n"] += 1
+        return original(self, batch)
+
+    monkeypatch.setattr(StudentTrainer, "step", step)
+    with pytest.raises(Interrupt):
+        run_train_student(cfg, **paths(env, tmp), progress=False)
+    monkeypatch.setattr(StudentTrainer, "step", original)
+    (work,) = (tmp / "work").iterdir()
+    return work
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory) -> dict:
+    """The weights of an uninterrupted TINY run on the sample store."""
+    from safetensors.torch import load_file
+
+    tmp = tmp_path_factory.mktemp("reference")
+    run_train_student(TrainStudentConfig(**TINY), **paths(env, tmp), progress=False)
+    return load_file(tmp / "student" / "model.safetensors")
+
+
+def same_weights(reference: dict, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    got = load_file(folder / "model.safetensors")
+    assert got.keys() == reference.keys()
+    for name in got:
+        assert torch.equal(got[name], reference[name]), name
+
+
+def test_truncated_latest_is_set_aside_and_the_previous_resumed(
+    env, tmp_path, monkeypatch, caplog, reference
+):
+    work = interrupted(env, tmp_path, TrainStudentConfig(**TINY), after=5, monkeypatch=monkeypatch)
+    assert torch.load(work / "previous.pt", weights_only=True)["step"] == 2
+    latest = work / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="pipeline.student.checkpoint"):
+        result = run_train_student(
+            TrainStudentConfig(**TINY), **paths(env, tmp_path), progress=False
+        )
+    assert result["resumed_from_step"] == 2
+    same_weights(reference, tmp_path / "student")
+    aside = work / "latest.pt.damaged-1"
+    assert aside.is_file() and not latest.exists()  # kept for the user, not in the way
+    (warning,) = caplog.records
+    assert warning.levelname == "WARNING"
+    assert warning.getMessage().startswith(f"checkpoint {latest} is unusable (cannot be read: ")
+    assert warning.getMessage().endswith("; set aside as latest.pt.damaged-1")
+
+
+def test_no_usable_checkpoint_trains_from_scratch(env, tmp_path, monkeypatch, caplog, reference):
+    work = interrupted(env, tmp_path, TrainStudentConfig(**TINY), after=5, monkeypatch=monkeypatch)
+    (work / "latest.pt").write_bytes(b"")
+    (work / "previous.pt").write_bytes(b"not a torch file at all")
+    with caplog.at_level("WARNING", logger="pipeline.student.checkpoint"):
+        result = run_train_student(
+            TrainStudentConfig(**TINY), **paths(env, tmp_path), progress=False
+        )
+    assert result["resumed_from_step"] == 0
+    same_weights(reference, tmp_path / "student")
+    assert sorted(p.name for p in work.iterdir()) == [
+        "latest.pt.damaged-1",
+        "previous.pt.damaged-1",
+    ]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and all(r.levelname == "WARNING" for r in caplog.records)
+    assert messages[-1] == (
+        f"no usable checkpoint in {work} (latest.pt, previous.pt set aside): training starts "
+        "from scratch"
+    )
+
+
+def test_a_checkpoint_of_another_shape_in_the_key_folder_is_set_aside(
+    env, tmp_path, monkeypatch, caplog, reference
+):
+    """A state whose tensors do not fit the model (as a code change under the same key would
+    leave) is refused before anything is loaded: the run from scratch is exactly a fresh one."""
+    wide = TrainStudentConfig(**{**TINY, "hidden_size": 32, "intermediate_size": 64})
+    other = interrupted(env, tmp_path / "wide", wide, after=3, monkeypatch=monkeypatch)
+    key = prepare(TrainStudentConfig(**TINY), **_prep(env, "sample")).key
+    work = tmp_path / "work" / key
+    work.mkdir(parents=True)
+    shutil.copyfile(other / "latest.pt", work / "latest.pt")
+    with caplog.at_level("WARNING", logger="pipeline.student.checkpoint"):
+        result = run_train_student(
+            TrainStudentConfig(**TINY), **paths(env, tmp_path), progress=False
+        )
+    assert result["resumed_from_step"] == 0
+    same_weights(reference, tmp_path / "student")
+    assert (work / "latest.pt.damaged-1").is_file()
+    first = caplog.records[0].getMessage()
+    assert first == (
+        f"checkpoint {work / 'latest.pt'} is unusable (the model state does not fit this run: "
+        "model.embed_tokens.weight is float32 (50, 32), this run's is float32 (50, 16)); set "
+        "aside as latest.pt.damaged-1"
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["../../escaped.tsv", "/tmp/escaped.tsv", "plots/metrics/../x.tsv"]
+)
+def test_a_checkpoint_with_curve_names_outside_the_folder_is_refused(
+    env, tmp_path, monkeypatch, caplog, name
+):
+    work = interrupted(env, tmp_path, TrainStudentConfig(**TINY), after=5, monkeypatch=monkeypatch)
+    state = torch.load(work / "latest.pt", weights_only=True)
+    state["curves"] = {**state["curves"], name: "step\ttrain/loss\n2\t1.0\n"}
+    torch.save(state, work / "latest.pt")
+    shutil.rmtree(tmp_path / "dvclive")  # as `dvc repro` deletes outputs before a re-run
+    with caplog.at_level("WARNING", logger="pipeline.student.checkpoint"):
+        result = run_train_student(
+            TrainStudentConfig(**TINY), **paths(env, tmp_path), progress=False
+        )
+    assert result["resumed_from_step"] == 2  # the previous checkpoint, whose names are fine
+    assert caplog.records[0].getMessage() == (
+        f"checkpoint {work / 'latest.pt'} is unusable (curve file '{name}' is outside "
+        "plots/metrics/ of the curves folder (only relative .tsv names there are written "
+        "back)); set aside as latest.pt.damaged-1"
+    )
+    assert not (tmp_path.parent / "escaped.tsv").exists() and not Path("/tmp/escaped.tsv").exists()
+    assert not (tmp_path / "dvclive" / "x.tsv").exists()
+
+
+def test_curves_refuse_a_snapshot_naming_a_file_outside(tmp_path):
+    from pipeline.core.curves import Curves
+    from pipeline.core.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        Curves(tmp_path / "live", 2, {"plots/metrics/../../../x.tsv": "step\tv\n"})
+    assert str(e.value) == (
+        f"{tmp_path / 'live'}: curve file 'plots/metrics/../../../x.tsv' is outside "
+        "plots/metrics/ of the curves folder (only relative .tsv names there are written back)"
+    )
+    assert not (tmp_path / "live").exists()
+
+
+def test_save_keeps_the_previous_checkpoint_and_a_kill_between_renames_resumes_it(tmp_path):
+    from pipeline.student import checkpoint as ckpt
+
+    for step in (2, 4):
+        ckpt.save(tmp_path, {"step": step})
+    assert torch.load(tmp_path / "latest.pt", weights_only=True) == {"step": 4}
+    assert torch.load(tmp_path / "previous.pt", weights_only=True) == {"step": 2}
+    # A kill between the two renames of the next save: previous.pt and a temp file only.
+    (tmp_path / "latest.pt").replace(tmp_path / "previous.pt")
+    (tmp_path / ".latest.pt.tmp-123").write_bytes(b"partial")
+    seen = []
+    state = {
+        "step": 4,
+        "seconds": 1.0,
+        "trainer": {"model": {}, "optimizer": {}, "scheduler": {}},
+        "rng": ckpt.rng_state(),
+        "curves": {},
+    }
+    torch.save(state, tmp_path / "previous.pt")
+    assert ckpt.resume(tmp_path, seen.append)["step"] == 4
+    assert len(seen) == 1 and not (tmp_path / ".latest.pt.tmp-123").exists()
+    ckpt.remove(tmp_path / "key")  # nothing there: no error

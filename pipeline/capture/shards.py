@@ -44,7 +44,7 @@ from pipeline.capture.kernel import (
     per_sequence_stats,
     shard_generator,
 )
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, first_line, load_errors
 from pipeline.data.tokenized import TokenizedData
 from pipeline.store.format import StoreSpec, write_shard
 from pipeline.store.work import write_record
@@ -94,8 +94,11 @@ def load_teacher(teacher: str | Path, device: str, dtype: str) -> torch.nn.Modul
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch_dtype(dtype))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{teacher}: cannot load the teacher model: {e}") from e
+    except load_errors() as e:
+        raise InputError(
+            f"{teacher}: cannot load the teacher model ({first_line(e)}); re-run "
+            "`dvc repro prepare_teacher` (or `dvc pull` the teacher) to restore it"
+        ) from e
     return model.to(device).eval()
 
 

@@ -1,12 +1,14 @@
 """The `teacher_logits` stage: tokenized rows -> teacher soft labels in a sharded Zarr store.
 
 Steps: read the teacher's provenance and the tokenized splits (`pipeline.data.tokenized`); check
-them against each other and against `k` before any work; derive the resume key; create (or
-reopen) the store in `<work_dir>/<key>/` (`pipeline.store.work`, shared with `classify_logits`); skip every shard whose record's checksums still match
-its files on disk; compute the rest in-process (`pipeline.capture.shards.ShardRunner`) or on Dask
-(`pipeline.capture.dask_runner`); finalize (every checksum verified again, `complete` set);
-write the fidelity metrics; move the store into `out` (one rename on the same filesystem) and
-delete the work folder.
+them against each other and against `k` before any work; derive the resume key; lock it
+(`<work_dir>/<key>.lock`: a second run of the same key waits, then finishes at once if the first
+put the store in place); create (or reopen) the store in `<work_dir>/<key>/`
+(`pipeline.store.work`, shared with `classify_logits`); skip every shard whose record's checksums
+still match its files on disk; compute the rest in-process (`pipeline.capture.shards.ShardRunner`)
+or on Dask (`pipeline.capture.dask_runner`); finalize (every checksum verified again, `complete`
+set); move the store into `out` (one rename on the same filesystem), delete the work folder, and
+only then write the fidelity metrics.
 
 Resume key: sha256 over everything that determines the bytes of the store: the teacher's
 provenance sha256, each split's n, seq_len and input-id fingerprint, method, k, seed,
@@ -23,7 +25,6 @@ work folder for the next run.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +39,11 @@ from pipeline.capture.shards import (
     build_kernel,
     load_teacher,
 )
+from pipeline.core.atomic import check_destinations
 from pipeline.core.config import require
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import ConfigError, InputError
-from pipeline.core.provenance import read_provenance, write_json
+from pipeline.core.provenance import LM_TEACHER_KEYS, read_provenance
 from pipeline.data.tokenized import SPLITS, TokenizedData, load_tokenized
 from pipeline.store.format import (
     ARRAYS,
@@ -54,12 +56,14 @@ from pipeline.store.format import FORMAT_VERSION as STORE_FORMAT_VERSION
 from pipeline.store.work import (
     dir_bytes,
     finished_records,
+    install_store,
     keep_finished_shards,
     key_digest,
-    move_into_place,
+    lock_work,
     open_work_store,
     pending_shards,
     remove_partials,
+    write_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -85,8 +89,13 @@ class TeacherLogitsConfig:
     the GPU lacks bfloat16). float16 is refused on CPU. The output head is always fp32."""
     chunk_sequences: int = 64
     """Sequences per Zarr chunk (the unit a reader decompresses)."""
-    shard_chunks: int = 128
-    """Chunks per shard file (the unit of work, writing and resume)."""
+    shard_chunks: int = 4
+    """Chunks per shard file: the unit of work, writing and resume. A shard is a fixed number of
+    sequences (256 by default, ~33k tokens at L = 128: seconds on a GPU, a few minutes on CPU),
+    whatever the corpus size, so a killed run loses at most one shard per worker, never the
+    pass; the cost is files: 4 arrays x shards (~12k files for 100M tokens, ~2.8 MB per shard on
+    disk at k = 32), fine for DVC. Keep chunk_sequences x shard_chunks a multiple of batch_size
+    so no batch is cut short at a shard's end."""
     head_chunk_tokens: int = 1024
     """Positions per slice of the output head: memory ~ 3 x this x vocab x 4 bytes."""
     dask: DaskConfig = field(default_factory=DaskConfig)
@@ -209,8 +218,9 @@ def run_teacher_logits(
     work_dir: str | Path,
 ) -> dict[str, Any]:
     """Run the stage (module docstring); return the metrics written to `metrics`."""
+    check_destinations(out, metrics, work_dir)  # fail now, not after the work
     teacher, out = Path(teacher), Path(out)
-    prov = read_provenance(teacher)
+    prov = read_provenance(teacher, LM_TEACHER_KEYS)
     check_k(cfg, prov, teacher)  # before reading the data
     device, dtype = resolve_device(cfg.device, cfg.dtype, section="teacher_logits")
     data = load_tokenized(tokenized)
@@ -243,21 +253,25 @@ def run_teacher_logits(
         device=device,
         dtype=dtype,
     )
-    with keep_finished_shards(kdir, records, spec, "teacher_logits"):
-        open_work_store(kdir, store, spec, store_attrs(cfg, prov, fingerprints), key)
-        pending = pending_shards(store, records, spec)
-        _compute(cfg, job, data, pending)
-        recs = finished_records(store, records, spec)
-        checksums = {k: v for r in recs for k, v in r["checksums"].items()}
-        fidelity = Fidelity()
-        for rec in recs:
-            fidelity.merge(Fidelity(rec["fidelity"]))
-        remove_partials(store)
-        finalize_store(store, checksums)  # re-hashes every shard file against the records
-        result = _metrics(cfg, spec, store, fidelity, device, dtype)
-        move_into_place(store, out)
-        write_json(metrics, result)  # only once the store it describes is in place
-    shutil.rmtree(kdir, ignore_errors=True)
+    with lock_work(kdir, out, "teacher_logits") as lock:  # a second run waits here
+        done = lock.finished_output(out)
+        if done is not None:  # another run of this key finished while we waited
+            write_metrics(metrics, done, out, stage="teacher_logits")
+            return done
+        with keep_finished_shards(kdir, records, spec, "teacher_logits"):
+            open_work_store(kdir, store, spec, store_attrs(cfg, prov, fingerprints), key)
+            pending = pending_shards(store, records, spec)
+            _compute(cfg, job, data, pending)
+            recs = finished_records(store, records, spec)
+            checksums = {k: v for r in recs for k, v in r["checksums"].items()}
+            fidelity = Fidelity()
+            for rec in recs:
+                fidelity.merge(Fidelity(rec["fidelity"]))
+            remove_partials(store)
+            finalize_store(store, checksums)  # re-hashes every shard file against the records
+            result = _metrics(cfg, spec, store, fidelity, device, dtype)
+        # the store into place, the work folder deleted, then the metrics
+        install_store(lock, store, out, Path(metrics), result)
     log.info("wrote %s (%d tokens)", out, result["tokens"])
     return result
 

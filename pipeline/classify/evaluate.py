@@ -53,7 +53,7 @@ from pipeline.classify.inference import (
 )
 from pipeline.compress.compressed import KERNELS, is_compressed, load_compressed
 from pipeline.core.config import require
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, first_line, load_errors
 from pipeline.core.provenance import write_json
 from pipeline.evaluate.common import (
     Model,
@@ -238,8 +238,8 @@ def check_classifier(name: str, path: Path, labels: list[str]) -> None:
     where = f"model '{name}' ({path})"
     try:
         config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{where}: cannot load its config.json ({e})") from e
+    except load_errors() as e:
+        raise InputError(f"{where}: cannot load its config.json ({first_line(e)})") from e
     archs = list(config.architectures or [])
     if model_task(archs) != "sequence-classification":
         raise InputError(
@@ -266,8 +266,8 @@ def load_model(name: str, path: Path, labels: list[str], int8_kernel: str) -> Cl
         module = load_compressed(path, int8_kernel=int8_kernel)  # type: ignore[arg-type]
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError, TypeError) as e:
-            raise InputError(f"{where}: cannot load its tokenizer ({e})") from e
+        except (*load_errors(), TypeError) as e:
+            raise InputError(f"{where}: cannot load its tokenizer ({first_line(e)})") from e
         ensure_pad(module, tokenizer, where)
     else:
         module, tokenizer = load_classifier(path, "cpu", labels=labels)

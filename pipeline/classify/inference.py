@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.errors import ConfigError, InputError, first_line, load_errors
 
 _DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
 
@@ -75,8 +75,8 @@ def load_classifier(
     rev = None if local.is_dir() else revision
     try:
         config = AutoConfig.from_pretrained(source, revision=rev)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{where}: cannot load a model config: {_first_line(e)}") from e
+    except load_errors() as e:
+        raise InputError(f"{where}: cannot load a model config: {first_line(e)}") from e
     archs = list(getattr(config, "architectures", None) or [])
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
         raise InputError(
@@ -91,8 +91,8 @@ def load_classifier(
         model, info = AutoModelForSequenceClassification.from_pretrained(
             source, revision=rev, output_loading_info=True
         )
-    except (OSError, ValueError) as e:
-        raise InputError(f"{where}: cannot load the classifier: {_first_line(e)}") from e
+    except load_errors() as e:
+        raise InputError(f"{where}: cannot load the classifier: {first_line(e)}") from e
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise InputError(
@@ -191,7 +191,3 @@ def class_logprobs(
             logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (B, C)
             out[idx] = torch.log_softmax(logits, dim=-1).cpu().numpy()
     return out
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__

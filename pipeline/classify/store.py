@@ -39,6 +39,7 @@ from zarr.codecs import BloscCodec
 
 from pipeline import __version__
 from pipeline.core.errors import StoreError
+from pipeline.core.text import printable
 from pipeline.store.format import (
     FORMAT_VERSION,
     ShardedLayout,
@@ -48,9 +49,9 @@ from pipeline.store.format import (
     iter_chunks,
     open_split,
     read_attrs,
-    shard_checksums,
     write_shard_arrays,
 )
+from pipeline.store.integrity import check_integrity, integrity_problems
 
 if TYPE_CHECKING:  # only for annotations: the corpus module is the row-identity owner
     from pipeline.classify.corpus import LabeledCorpus
@@ -315,8 +316,9 @@ def check_class_store(path: str | Path, corpus: LabeledCorpus) -> dict[str, Any]
 
     Checked before any compute, in this order, each failure one StoreError naming the store, the
     field or row, and what to do: it is a classification store of a supported format; it is
-    complete; every shard file's sha256 matches the recorded checksum (a damaged or truncated
-    shard is named); the label set equals the corpus's (same names, same order); every split of
+    complete; its arrays have the shapes, dtypes, chunks and shards the attributes imply and
+    every shard file's sha256 matches the recorded checksum (`check_integrity`: a damaged or
+    truncated shard is named); the label set equals the corpus's (same names, same order); every split of
     the corpus is in the store with the same row count; and the row identities (lang, id,
     text_hash) equal the corpus's, row by row (the first differing row is named, with its
     language and id). The corpus fingerprint is compared last, as a summary.
@@ -328,9 +330,7 @@ def check_class_store(path: str | Path, corpus: LabeledCorpus) -> dict[str, Any]
             f"{path}: store is not complete (classify_logits did not finish); re-run "
             "`dvc repro classify_logits` (it resumes)"
         )
-    problems = checksum_problems(path, attrs)
-    if problems:
-        raise StoreError(problems[0])
+    check_integrity(path, ClassStoreSpec.from_attrs(attrs), attrs, purpose="use")
     if list(attrs["labels"]) != list(corpus.labels):
         raise StoreError(
             f"{path}: labels differ: store {attrs['labels']}, corpus {list(corpus.labels)}; "
@@ -357,27 +357,6 @@ def check_class_store(path: str | Path, corpus: LabeledCorpus) -> dict[str, Any]
     return attrs
 
 
-def checksum_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
-    """One line per shard file that is missing or whose sha256 differs from the recorded one."""
-    spec = ClassStoreSpec.from_attrs(attrs)
-    recorded = attrs.get("shards", {})
-    problems = []
-    for split, shard in spec.all_shards():
-        try:
-            on_disk = shard_checksums(path, spec, split, shard)
-        except StoreError as e:
-            problems.append(f"{e}; the store is damaged: pull or copy it again")
-            continue
-        problems += [
-            f"{path}: shard {key} is damaged (sha256 {digest[:12]}… differs from the recorded "
-            f"{str(recorded.get(key))[:12]}…); pull or copy the store again, or re-run "
-            "classify_logits"
-            for key, digest in on_disk.items()
-            if recorded.get(key) != digest
-        ]
-    return problems
-
-
 def verify_class_store(path: str | Path, corpus: LabeledCorpus | None = None) -> list[str]:
     """The full audit behind `softlabels verify` for a classification store: one line per
     problem (empty when it is sound). Checks `complete`, every shard's checksum, every row's
@@ -394,7 +373,7 @@ def verify_class_store(path: str | Path, corpus: LabeledCorpus | None = None) ->
         problems.append(
             f"{path}: {len(attrs.get('labels', []))} labels, {spec.num_classes} classes"
         )
-    problems += checksum_problems(path, attrs)
+    problems += integrity_problems(path, spec, attrs)
     if problems:
         return problems
     for split in spec.split_names():
@@ -432,7 +411,7 @@ def describe_class_store(path: str | Path) -> str:
     lines.append(
         f"  {s['bytes']:,} bytes on disk" + (f" ({per_row:.1f} B per row)" if per_row else "")
     )
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # attribute strings: escaped
 
 
 def _check_rows(path: Path, attrs: dict[str, Any], corpus: LabeledCorpus, split: str) -> None:

@@ -59,11 +59,11 @@ from pipeline.classify.corpus import ClassifyCorpusConfig, LabeledCorpus, read_l
 from pipeline.classify.inference import class_logprobs, encode, ensure_pad
 from pipeline.classify.store import check_class_store
 from pipeline.classify.student_data import TrainingSet, read_soft_labels
-from pipeline.core.atomic import atomic_dir
+from pipeline.core.atomic import atomic_dir, check_destinations
 from pipeline.core.config import require, to_dict
 from pipeline.core.curves import Curves
 from pipeline.core.device import resolve_device
-from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.errors import ConfigError, InputError, first_line, load_errors
 from pipeline.core.provenance import (
     PROVENANCE_FILE,
     files_sha256,
@@ -71,6 +71,7 @@ from pipeline.core.provenance import (
     tokenizer_identity,
     write_json,
 )
+from pipeline.core.text import printable
 from pipeline.modeling.llama import check_llama_sizes, llama_config
 from pipeline.modeling.optim import adamw_with_schedule, check_optimizer_params
 from pipeline.store.verify import abbreviate, content_sha256
@@ -192,8 +193,8 @@ def _load_tokenizer(path: Path) -> Any:
         raise InputError(f"{path}: tokenizer folder not found (run `dvc repro classify_teacher`)")
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot load a tokenizer: {e}") from e
+    except load_errors() as e:
+        raise InputError(f"{path}: cannot load a tokenizer ({first_line(e)})") from e
 
 
 def build_student(
@@ -515,12 +516,13 @@ def prepare(
 
 
 def describe_source(record: dict[str, Any]) -> str:
-    """One line naming what the student learns from, for the stage's log."""
+    """One line naming what the student learns from, for the stage's log (control characters of
+    the store's attribute strings escaped: `printable`)."""
     store = record.get("store")
     if not record.get("soft_labels") or store is None:
         return f"gold labels only (corpus {abbreviate(record['corpus']['fingerprint'])})"
     t = store["teacher"]
-    return (
+    return printable(
         f"store {store['path']} (content sha256 {abbreviate(store['content_sha256'])}): teacher "
         f"{t.get('name')} @ {t.get('revision') or '-'} (sha256 {abbreviate(t.get('sha256'))}); "
         f"corpus {abbreviate(record['corpus']['fingerprint'])}"
@@ -545,6 +547,7 @@ def run_classify_student(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the stage (module docstring); return the metrics it writes to `metrics`."""
+    check_destinations(out, metrics, checkpoints, live_dir)  # fail now, not after the work
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -589,16 +592,13 @@ def _run(
     log.info("classify student %s: %d parameters on %s", name or "-", n_params, setup.device)
     log.info("learning from %s", describe_source(setup.record))
     work = checkpoints / setup.key
-    state = ckpt.load(work)
+    state = ckpt.resume(work, lambda s: _restore(trainer, s))
     start, examples, seconds = 0, 0, 0.0
     best: dict[str, Any] = {"selection": -1.0, "step": 0, "scores": None, "weights": None}
     clock = {"eval": 0.0}  # seconds spent scoring dev
     if state is not None:
-        trainer.load_state_dict(state["trainer"])
-        ckpt.set_rng_state(state["rng"])
         start, examples, seconds = int(state["step"]), int(state["examples"]), state["seconds"]
         best, clock["eval"] = state["best"], float(state["eval_seconds"])
-        log.info("resuming from the checkpoint at step %d (%s)", start, work / ckpt.FILE)
     curves = Curves(live_dir, start, state.get("curves") if state else None)
 
     def evaluate(step: int) -> None:
@@ -716,6 +716,22 @@ def _run(
         out,
     )
     return result
+
+
+def _restore(trainer: ClassifyTrainer, state: dict[str, Any]) -> None:
+    """`resume`'s apply: `ckpt.restore` after checking this stage's own keys (the counters, and
+    the best weights so far, which must fit the model); raises before changing anything."""
+    best = state.get("best")
+    if (
+        not isinstance(best, dict)
+        or not isinstance(best.get("step"), int)
+        or not isinstance(best.get("selection"), (int, float))
+        or not isinstance(best.get("scores"), (dict, type(None)))
+    ):
+        raise ValueError("the best-so-far record (best) is malformed")
+    if best.get("weights") is not None:
+        ckpt.check_tensors(trainer.model.state_dict(), best["weights"], "best weights")
+    ckpt.restore(trainer, state, numbers=("examples", "eval_seconds"))
 
 
 def _selection_rule(cfg: ClassifyStudentConfig) -> str:

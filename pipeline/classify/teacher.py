@@ -54,9 +54,9 @@ from pipeline.classify.inference import (
     pad_batch,
     resolve_device,
 )
-from pipeline.core.atomic import atomic_dir
+from pipeline.core.atomic import atomic_dir, check_destinations
 from pipeline.core.config import require, to_dict
-from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.errors import ConfigError, InputError, first_line, load_errors
 from pipeline.core.provenance import (
     PROVENANCE_FILE,
     files_sha256,
@@ -216,6 +216,7 @@ def prepare_classify_teacher(
     records written. Raises ConfigError/InputError naming the key or folder for a missing LM
     teacher (builtin), an unloadable model, or a classifier whose classes are not the label set.
     """
+    check_destinations(out, metrics)  # fail now, not after the work
     corpus = read_labeled_corpus(corpus_cfg)
     device = resolve_device(cfg.device, f"{SECTION}.device")
     threads_before = torch.get_num_threads()
@@ -315,8 +316,8 @@ def load_base(cfg: ClassifyTeacherConfig, labels: list[str], lm_teacher: Path | 
         where = f"{key}: {cfg.model!r}"
     try:
         config = AutoConfig.from_pretrained(source, revision=rev)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{where}: cannot load a model config: {_first_line(e)}") from e
+    except load_errors() as e:
+        raise InputError(f"{where}: cannot load a model config: {first_line(e)}") from e
     archs = list(getattr(config, "architectures", None) or [])
     if any(a.endswith("ForSequenceClassification") for a in archs):
         check_label_config(config, labels, where)
@@ -337,8 +338,8 @@ def load_base(cfg: ClassifyTeacherConfig, labels: list[str], lm_teacher: Path | 
             )
         finally:
             hf_logging.set_verbosity(verbosity)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{where}: cannot load as a sequence classifier: {_first_line(e)}") from e
+    except load_errors() as e:
+        raise InputError(f"{where}: cannot load as a sequence classifier: {first_line(e)}") from e
     missing = set(info.get("missing_keys") or [])
     names = {n for n, _ in model.named_parameters()}
     body_missing = sorted(n for n in missing if not n.startswith(HEAD_PREFIXES))
@@ -575,7 +576,3 @@ def _revision(cfg: ClassifyTeacherConfig, model: Any) -> str | None:
     if Path(cfg.model).expanduser().is_dir():
         return None
     return getattr(model.config, "_commit_hash", None) or cfg.revision
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__

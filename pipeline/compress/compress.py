@@ -58,7 +58,7 @@ from pipeline.compress.compressed import (
     parameter_counts,
     quantize_rows,
 )
-from pipeline.core.atomic import atomic_dir
+from pipeline.core.atomic import atomic_dir, check_destinations
 from pipeline.core.config import require, to_dict
 from pipeline.core.errors import InputError
 from pipeline.core.provenance import (
@@ -284,6 +284,7 @@ def load_student(student: Path) -> nn.Module:
 
 def run_compress(cfg: CompressConfig, *, student: Path, out: Path, metrics: Path) -> dict[str, Any]:
     """Run the stage: write the compressed folder to `out` (atomically) and metrics; return them."""
+    check_destinations(out, metrics)  # fail now, not after the work
     student = Path(student)
     model = load_student(student)
     if not (cfg.quantize or cfg.quantize_embeddings or cfg.prune.enabled):

@@ -12,7 +12,10 @@ A compressed model folder (written by `pipeline.compress.compress`) holds:
   values in [-127, 127]); every other tensor is stored float32 under its state-dict name. A
   head tied to the input embedding is not stored: it is rebuilt from the embedding;
 - `compression.json`: the manifest (format, which modules are quantized, whether the head is
-  tied, the weights file's sha256, settings, sizes) that `load_compressed` follows;
+  tied, the weights file's sha256, settings, sizes) that `load_compressed` follows. It is data
+  read from disk: `read_manifest` refuses, in one InputError line naming it, a manifest that is
+  not JSON, lacks a key a reader uses or has one of the wrong type, or whose weights file lies
+  outside the folder (absolute, `..`, or a link leading out);
 - the tokenizer files and the source model's `softlabels.json`, copied unchanged.
 
 Why this format: it needs nothing beyond torch, safetensors and numcodecs (already required;
@@ -48,6 +51,7 @@ from torch import Tensor, nn
 
 from pipeline.core.errors import InputError
 from pipeline.core.provenance import sha256_file
+from pipeline.core.text import printable
 from pipeline.modeling.tasks import auto_model_class, model_task
 
 FORMAT = "softlabels-int8"
@@ -115,19 +119,91 @@ def dynamic_linear(q: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
     return layer
 
 
+CORRUPT = "the manifest is corrupt: re-run the compress stage"
+"""How every message about a malformed manifest ends."""
+_MANIFEST_TYPES: dict[str, type] = {
+    "weights": dict,
+    "weights.file": str,
+    "weights.sha256": str,
+    "weights.codec": str,
+    "head": dict,
+    "head.name": str,
+    "head.tied": bool,
+    "quantized": list,
+    "parameters": int,
+    "nonzero_parameters": int,
+    "source": dict,
+    "source.path": str,
+}
+"""Every manifest key a reader uses (`load_compressed`, `pipeline.evaluate.common`), by type."""
+_QUANTIZED_KINDS = ("linear", "embedding")
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What makes a parsed manifest unusable (a key missing or of the wrong type), or None."""
+    for key, kind in _MANIFEST_TYPES.items():
+        head, _, leaf = key.rpartition(".")
+        parent = manifest[head] if head else manifest  # parents come first in the table
+        if leaf not in parent:
+            return f"key {key} is missing"
+        value = parent[leaf]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{key} is of type {type(value).__name__}, expected {kind.__name__}"
+    for i, entry in enumerate(manifest["quantized"]):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("name"), str)
+            or entry.get("kind") not in _QUANTIZED_KINDS
+        ):
+            return f"quantized[{i}] is not a {{name, kind: linear|embedding}} entry"
+    return None
+
+
+def _inside(folder: Path, name: str) -> bool:
+    """True if file `name` (from a manifest) is a relative path that resolves strictly inside
+    `folder` (no absolute path, no `..`, no symbolic link leading out)."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\0" in name:
+        return False
+    root = folder.resolve()
+    target = (folder / name).resolve()
+    return target != root and target.is_relative_to(root)
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a compressed model folder; InputError if absent or of another format."""
+    """The manifest of a compressed model folder; one-line InputError naming the manifest if it
+    is absent, not JSON, of another format, missing a key or of the wrong type somewhere, or if
+    its weights file is not inside the folder."""
     file = Path(path) / MANIFEST
     if not file.is_file():
         raise InputError(
             f"{path}: no {MANIFEST}; not a compressed model folder (run `dvc repro compress`)"
         )
-    manifest = json.loads(file.read_text("utf-8"))
+    try:
+        manifest = json.loads(file.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = (
+            f"{e.msg} at line {e.lineno} column {e.colno}"
+            if isinstance(e, json.JSONDecodeError)
+            else "not UTF-8"
+        )
+        raise InputError(f"{file}: not valid JSON ({why}); {CORRUPT}") from e
+    if not isinstance(manifest, dict):
+        raise InputError(
+            f"{file}: holds a JSON {type(manifest).__name__}, not an object; {CORRUPT}"
+        )
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise InputError(
-            f"{file}: format {manifest.get('format')!r} version "
-            f"{manifest.get('format_version')!r} is not {FORMAT!r} version {FORMAT_VERSION}; "
-            "re-run the compress stage with this softlabels version"
+            f"{file}: format {printable(repr(manifest.get('format')))} version "
+            f"{printable(repr(manifest.get('format_version')))} is not {FORMAT!r} version "
+            f"{FORMAT_VERSION}; re-run the compress stage with this softlabels version"
+        )
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise InputError(f"{file}: {problem}; {CORRUPT}")
+    name = manifest["weights"]["file"]
+    if not _inside(Path(path), name):
+        raise InputError(
+            f"{file}: weights file '{printable(name)}' is outside the model folder; {CORRUPT}"
         )
     return manifest
 
@@ -165,6 +241,44 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _check_int8(
+    file: Path,
+    wfile: Path,
+    model: nn.Module,
+    owned: set[str],
+    quantized: list[dict[str, Any]],
+    tensors: dict[str, Tensor],
+) -> None:
+    """InputError unless every module the manifest `file` names is a layer with a matrix weight
+    in `model`, and every quantized one has int8 weights and scales of its shape in `wfile`."""
+    weights: dict[str, Tensor] = {}
+    for name in sorted(owned):
+        try:
+            weight = getattr(model.get_submodule(name), "weight", None) if name else None
+        except AttributeError:
+            weight = None
+        if not isinstance(weight, Tensor) or weight.ndim != 2:
+            raise InputError(
+                f"{file}: module '{printable(name)}' is not a layer with a weight matrix in the "
+                f"model of config.json; {CORRUPT}"
+            )
+        weights[name] = weight
+    for entry in quantized:
+        name, shape = entry["name"], tuple(weights[entry["name"]].shape)
+        q, scale = tensors.get(f"{name}.weight_int8"), tensors.get(f"{name}.weight_scale")
+        if (
+            q is None
+            or scale is None
+            or q.dtype != torch.int8
+            or tuple(q.shape) != shape
+            or tuple(scale.shape) != shape[:1]
+        ):
+            raise InputError(
+                f"{wfile}: the int8 weights of {printable(name)} are missing or not of its shape "
+                f"{shape}; re-run the compress stage"
+            )
+
+
 def load_compressed(path: str | Path, *, int8_kernel: Kernel = "dynamic") -> nn.Module:
     """Rebuild a compressed model (module docstring) in eval mode on CPU, ready to run: a causal
     LM or a sequence classifier, as its `config.json` says (`model_task`).
@@ -198,6 +312,7 @@ def load_compressed(path: str | Path, *, int8_kernel: Kernel = "dynamic") -> nn.
     owned = {e["name"] for e in quantized}
     if head["tied"]:  # the head is the embedding: rebuilt from it, never stored
         owned.add(head["name"])
+    _check_int8(path / MANIFEST, wfile, model, owned, quantized, tensors)
     set_by_int8 = {f"{name}.{k}" for name in owned for k in model.get_submodule(name).state_dict()}
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in tensors.items() if not k.endswith(_INT8_SUFFIXES)}, strict=False

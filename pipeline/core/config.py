@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, first_line
 
 C = TypeVar("C")
 
@@ -39,8 +39,13 @@ def load_params(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: params file not found (pass --params PATH)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or first_line(e)
+        raise ConfigError(f"{path}: not valid YAML ({where}{problem}); fix that line") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return data

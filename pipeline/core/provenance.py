@@ -98,15 +98,48 @@ def ids_fingerprint(ids: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def read_provenance(model_dir: str | Path) -> dict[str, Any]:
-    """Load `provenance.json` from a prepared model folder, or raise InputError saying why."""
+PROVENANCE_KEYS: tuple[str, ...] = ("name", "sha256", "architecture")
+"""Keys every prepared model's provenance has (both tasks' teachers)."""
+
+LM_TEACHER_KEYS: tuple[str, ...] = (
+    *PROVENANCE_KEYS,
+    "revision",
+    "vocab_size",
+    "tokenizer.sha256",
+    "tokenizer.vocab_size",
+    "tokenizer.eos_id",
+)
+"""Keys an LM teacher's provenance must have for `teacher_logits` and a live student
+(dotted: a key of a nested mapping)."""
+
+_REDO = "re-run the stage that wrote the folder (`dvc repro prepare_teacher`) or `dvc pull` it"
+
+
+def read_provenance(
+    model_dir: str | Path, required: tuple[str, ...] = PROVENANCE_KEYS
+) -> dict[str, Any]:
+    """Load `provenance.json` from a prepared model folder; InputError (one line naming the
+    file and the key) if it is missing, not UTF-8 JSON, not an object, or lacks a `required`
+    key (dotted keys name nested ones, e.g. `tokenizer.sha256`)."""
     path = Path(model_dir) / PROVENANCE_FILE
     if not path.is_file():
         raise InputError(
             f"{path}: missing; this folder was not written by `prepare_teacher` "
             "(run `dvc repro prepare_teacher`)"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        prov = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: not valid JSON ({e}); the file is damaged: {_REDO}") from e
+    if not isinstance(prov, dict):
+        raise InputError(f"{path}: not a JSON object; the file is damaged: {_REDO}")
+    for key in required:
+        value: Any = prov
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None and not (key == "revision" and "revision" in prov):
+            raise InputError(f"{path}: key '{key}' is missing; the record is incomplete: {_REDO}")
+    return prov
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -114,5 +147,11 @@ def write_json(path: str | Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(
+            json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
+        )
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no torn temporary behind
+        raise

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.core.config import describe, from_params, load_params, with_overrides
-from pipeline.core.errors import SoftlabelsError
+from pipeline.core.errors import SoftlabelsError, os_error_message, user_message
+from pipeline.core.text import printable
 
 C = TypeVar("C")
 
@@ -48,11 +49,25 @@ def load_section(params_path: Path, cls: type[C], section: str, overrides: str |
 
 
 def run_stage(work: Callable[[], Any]) -> int:
-    """Run `work` with INFO logging; map SoftlabelsError to a one-line error and exit code 1."""
+    """Run `work` with INFO logging; map SoftlabelsError, and an OSError of the user's
+    filesystem (disk full, read-only, permissions; see `os_error_message`), to a one-line error
+    and exit code 1. Any other exception is a bug and keeps its traceback."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         work()
     except SoftlabelsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_lines(user_message(e))}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        message = os_error_message(e)
+        if message is None:
+            raise
+        print(f"error: {_lines(message)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _lines(message: str) -> str:
+    """`message` with each line made printable (it may quote names read from artifacts); the
+    line breaks of a multi-line message (a list of problems) are kept."""
+    return "\n".join(printable(line) for line in message.split("\n"))

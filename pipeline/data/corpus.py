@@ -5,10 +5,24 @@ Accepted inputs (`corpus.path`):
 - `.jsonl` or `.parquet` files (a single file, or every such file in the folder) whose records
   have string fields `text` and `lang`.
 
-Every line or record that is not used is counted under a named reason (`empty_line`,
-`duplicate`, `invalid_utf8`, `language_not_selected`); nothing is dropped silently. Problems the
-user must fix (a missing path, an empty file, invalid UTF-8 without `on_invalid_utf8: skip`, a
-selected language with no data, a malformed record) raise InputError naming the file and line.
+Every line or record that is not used is counted under exactly one named reason
+(SKIP_REASONS, checked in this order: `too_long`, `invalid_utf8`, `empty_line`,
+`no_visible_text`, then `duplicate` once all lines are read; records of other languages are
+`language_not_selected`), and every `.txt` file of a corpus folder that is not read is counted
+under a file reason (FILE_SKIP_REASONS); nothing is dropped silently. Problems the user must fix
+(a missing path, an empty file, invalid UTF-8 without `on_invalid_utf8: skip`, a selected
+language with no data, a malformed record) raise InputError naming the file and line.
+
+Which files of a folder are data: `<lang>.txt` files and every `.jsonl` / `.parquet` file. Other
+files (SOURCES.md, manifest.json, ...) are not data and are not counted. A `.txt` file whose name
+is not a language code (`README.txt`, `EN.txt`, `english.txt`) is counted as
+`not_a_language_code` (and logged), one of a language not in `corpus.languages` as
+`language_not_selected`.
+
+`.txt` files are read line by line, so memory follows the longest line kept, not the file; with
+a `max_doc_chars` cap a line of more than 4 * max_doc_chars bytes (UTF-8 needs at most 4 bytes a
+character) is counted `too_long` and read past in blocks, never held whole nor decoded.
+`.jsonl` / `.parquet` records are parsed whole before their text's length is checked.
 
 The validation split is chosen per document by a keyed hash of (lang, text), not by position or
 a random draw: it is stable when documents are added or reordered, identical documents always
@@ -22,15 +36,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from pipeline.core.config import require
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, first_line
+
+log = logging.getLogger(__name__)
 
 LANG_CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 """An ISO 639-1/639-3 code with optional BCP 47 subtags (`en`, `yue`, `zh-Hant`, `pt-BR`)."""
@@ -41,8 +59,26 @@ SAMPLE_LANGUAGES = (
 )  # fmt: skip
 """The 21 languages of the bundled sample corpus (data/corpora/sample), the default selection."""
 
-SKIP_REASONS = ("empty_line", "duplicate", "invalid_utf8", "language_not_selected")
+SKIP_REASONS = (
+    "empty_line",
+    "no_visible_text",
+    "too_long",
+    "duplicate",
+    "invalid_utf8",
+    "language_not_selected",
+)
 """Every reason a line or record may be left out; each is counted per language."""
+
+FILE_SKIP_REASONS = ("language_not_selected", "not_a_language_code")
+"""Every reason a `.txt` file of a corpus folder may be left unread; each is counted."""
+
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+"""Unicode categories that show nothing: control characters (C0/C1, NUL), format characters
+(zero-width space/joiners, word joiner, BOM, direction marks) and separators (spaces, line and
+paragraph separators). Every whitespace character is in one of them."""
+
+READ_BLOCK = 1 << 20
+"""Bytes read at a time when skipping past the rest of a `too_long` line."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +95,21 @@ class CorpusConfig:
     on_invalid_utf8: Literal["error", "skip"] = "error"
     """What to do with a line that is not valid UTF-8: stop with an error naming the file and
     line, or skip it and count it under `invalid_utf8`."""
+    max_doc_chars: int = 100_000
+    """Longest document kept, in characters; longer ones are skipped, counted as `too_long`, and
+    never tokenized (a .txt line over 4x this many bytes is not even decoded). 100k characters
+    is about 25k tokens, well above a long article (the sample corpus's longest line is ~1.5k),
+    so a longer line is almost always a format accident (a file without newlines, a dump) that
+    would cost GBs to tokenize and dominate its language's rows. Raise it for corpora of books.
+    Read by every stage that reads the corpus (the builtin teacher's training and tokenize)."""
 
     def __post_init__(self) -> None:
         require(bool(self.path), "corpus.path", "must not be empty")
+        require(
+            self.max_doc_chars >= 1,
+            "corpus.max_doc_chars",
+            f"must be >= 1 (characters per document), got {self.max_doc_chars}",
+        )
         require(len(self.languages) > 0, "corpus.languages", "list at least one language")
         for lang in self.languages:
             require(
@@ -91,10 +139,36 @@ class Documents:
     """lang -> reason -> count of lines or records left out (reasons: SKIP_REASONS)."""
     sources: dict[str, list[str]] = field(default_factory=dict)
     """lang -> files that contributed documents."""
+    files_skipped: dict[str, list[str]] = field(
+        default_factory=lambda: {r: [] for r in FILE_SKIP_REASONS}
+    )
+    """reason (FILE_SKIP_REASONS) -> `.txt` files of the corpus folder left unread."""
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether `text` has a character outside INVISIBLE_CATEGORIES (one that shows something)."""
+    return any(unicodedata.category(ch) not in INVISIBLE_CATEGORIES for ch in text)
+
+
+def document_skip_reason(text: str, max_doc_chars: int | None) -> str | None:
+    """The reason a stripped line or record text is not a document, or None if it is one.
+
+    `empty_line` (nothing left), `no_visible_text` (only control, format or space characters,
+    e.g. NUL or zero-width spaces), `too_long` (more than `max_doc_chars` characters; None: no cap).
+    """
+    if not text:
+        return "empty_line"
+    if max_doc_chars is not None and len(text) > max_doc_chars:
+        return "too_long"
+    if not has_visible_text(text):
+        return "no_visible_text"
+    return None
 
 
 def read_corpus(cfg: CorpusConfig) -> Documents:
-    """Read every selected language's documents and split them (see module docstring)."""
+    """Read every selected language's documents and split them (see module docstring).
+    Documents longer than `cfg.max_doc_chars` characters are left out, counted as `too_long`."""
+    max_doc_chars = cfg.max_doc_chars
     root = Path(cfg.path)
     if not root.exists():
         raise InputError(f"corpus.path: {root} does not exist (set corpus.path in params.yaml)")
@@ -103,6 +177,7 @@ def read_corpus(cfg: CorpusConfig) -> Documents:
     skipped: dict[str, Counter] = {lang: Counter() for lang in cfg.languages}
     sources: dict[str, list[str]] = {lang: [] for lang in cfg.languages}
     other_langs: Counter = Counter()
+    files_skipped: dict[str, list[str]] = {r: [] for r in FILE_SKIP_REASONS}
 
     if root.is_file():
         record_files, text_files = [root], []
@@ -116,20 +191,26 @@ def read_corpus(cfg: CorpusConfig) -> Documents:
 
     for path in text_files:
         lang = path.stem
-        if lang not in selected:
+        if not LANG_CODE.match(lang):
+            files_skipped["not_a_language_code"].append(str(path))
             continue
-        for text in _read_text_lines(path, cfg.on_invalid_utf8, skipped[lang]):
-            raw[lang].append(text)
+        if lang not in selected:
+            files_skipped["language_not_selected"].append(str(path))
+            continue
+        raw[lang].extend(_read_text_lines(path, cfg.on_invalid_utf8, skipped[lang], max_doc_chars))
         sources[lang].append(str(path))
+    _log_skipped_files(root, files_skipped)
     for path in record_files:
         for lang, text in _read_records(path):
             if lang not in selected:
                 other_langs[lang] += 1
                 continue
-            if not text.strip():
-                skipped[lang]["empty_line"] += 1
+            text = text.strip()
+            reason = document_skip_reason(text, max_doc_chars)
+            if reason is not None:
+                skipped[lang][reason] += 1
                 continue
-            raw[lang].append(text.strip())
+            raw[lang].append(text)
             if str(path) not in sources[lang]:
                 sources[lang].append(str(path))
 
@@ -154,7 +235,26 @@ def read_corpus(cfg: CorpusConfig) -> Documents:
     result = {lang: {r: skipped[lang][r] for r in SKIP_REASONS} for lang in cfg.languages}
     for lang, n in other_langs.items():
         result.setdefault(lang, {r: 0 for r in SKIP_REASONS})["language_not_selected"] = n
-    return Documents(train=train, validation=validation, skipped=result, sources=sources)
+    return Documents(
+        train=train,
+        validation=validation,
+        skipped=result,
+        sources=sources,
+        files_skipped=files_skipped,
+    )
+
+
+def _log_skipped_files(root: Path, files_skipped: dict[str, list[str]], show: int = 5) -> None:
+    """One log line per file reason with a count, naming the first `show` files."""
+    for reason, paths in files_skipped.items():
+        if not paths:
+            continue
+        names = ", ".join(Path(p).name for p in paths[:show])
+        more = f" and {len(paths) - show} more" if len(paths) > show else ""
+        level = logging.WARNING if reason == "not_a_language_code" else logging.INFO
+        log.log(
+            level, "%s: %d .txt file(s) not read (%s): %s%s", root, len(paths), reason, names, more
+        )
 
 
 def validation_score(lang: str, text: str) -> float:
@@ -192,32 +292,56 @@ def _dedupe(docs: list[str], skipped: Counter) -> list[str]:
     return out
 
 
-def _read_text_lines(path: Path, on_invalid: str, skipped: Counter) -> list[str]:
-    """Documents of a <lang>.txt file: one per non-empty line, stripped."""
-    data = path.read_bytes()
-    if not data.strip():
-        raise InputError(f"{path}: file is empty; add documents (one per line) or remove it")
-    lines = data.split(b"\n")
-    if lines[-1] == b"":  # the empty piece after a final newline is not a line
-        lines.pop()
+def _read_text_lines(
+    path: Path, on_invalid: str, skipped: Counter, max_doc_chars: int | None = None
+) -> list[str]:
+    """Documents of a <lang>.txt file: one per line, stripped, skips counted in `skipped`."""
+    max_bytes = None if max_doc_chars is None else 4 * max_doc_chars
     docs = []
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if on_invalid == "skip":
-                skipped["invalid_utf8"] += 1
+    has_content = False
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(_iter_lines(f, max_bytes), start=1):
+            if line is None:
+                has_content = True
+                skipped["too_long"] += 1
                 continue
-            raise InputError(
-                f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line ({e.reason}); "
-                "fix the file, or set corpus.on_invalid_utf8: skip to skip such lines"
-            ) from None
-        text = text.strip()
-        if not text:
-            skipped["empty_line"] += 1
-            continue
-        docs.append(text.lstrip("\ufeff"))
+            has_content = has_content or bool(line.strip())
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if on_invalid == "skip":
+                    skipped["invalid_utf8"] += 1
+                    continue
+                raise InputError(
+                    f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line ({e.reason}); "
+                    "fix the file, or set corpus.on_invalid_utf8: skip to skip such lines"
+                ) from None
+            text = text.strip()
+            reason = document_skip_reason(text, max_doc_chars)
+            if reason is not None:
+                skipped[reason] += 1
+                continue
+            docs.append(text.lstrip("\ufeff"))
+    if not has_content:
+        raise InputError(f"{path}: file is empty; add documents (one per line) or remove it")
     return docs
+
+
+def _iter_lines(f: BinaryIO, max_bytes: int | None) -> Iterator[bytes | None]:
+    """The lines of a binary file without their newline; None for a line of more than
+    `max_bytes` bytes, whose rest is read past in READ_BLOCK pieces (never held whole)."""
+    while True:
+        line = f.readline() if max_bytes is None else f.readline(max_bytes + 1)
+        if not line:
+            return
+        if line.endswith(b"\n"):
+            yield line[:-1]
+        elif max_bytes is None or len(line) <= max_bytes:
+            yield line  # the last line, without a final newline
+        else:
+            while (rest := f.readline(READ_BLOCK)) and not rest.endswith(b"\n"):
+                pass
+            yield None
 
 
 def _read_records(path: Path) -> list[tuple[str, str]]:
@@ -237,20 +361,27 @@ def iter_records(
     0-based), for error messages. A parquet file must have every `required` column and is read
     for `required` + `optional` columns only; a jsonl record is returned as parsed (a missing
     field is the caller's to report). Raises InputError naming the file (and line) for an empty
-    file, a missing parquet column, invalid UTF-8, bad JSON, or a record that is not an object.
+    file, an unreadable or corrupt parquet file, a missing parquet column, invalid UTF-8, bad JSON, or a record that is not an object.
     """
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty; add records or remove it")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(path).names
-        for col in required:
-            if col not in names:
-                raise InputError(f"{path}: no `{col}` column (found: {', '.join(names)})")
-        columns = [c for c in (*required, *optional) if c in names]
-        table = pq.read_table(path, columns=columns)
-        for row, rec in enumerate(table.to_pylist()):
+        try:
+            names = pq.read_schema(path).names
+            for col in required:
+                if col not in names:
+                    raise InputError(f"{path}: no `{col}` column (found: {', '.join(names)})")
+            columns = [c for c in (*required, *optional) if c in names]
+            records = pq.read_table(path, columns=columns).to_pylist()
+        except pa.ArrowException as e:
+            raise InputError(
+                f"{path}: not a readable parquet file ({first_line(e)}); rewrite it (for example with "
+                "pyarrow.parquet.write_table) or remove it"
+            ) from None
+        for row, rec in enumerate(records):
             yield f"row {row}", rec
         return
     fields = " and ".join(f"`{c}`" for c in required)

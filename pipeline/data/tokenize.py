@@ -1,6 +1,7 @@
 """The `tokenize` stage: corpus -> packed, language-balanced token rows in a DatasetDict.
 
-Steps: read and split the corpus (`pipeline.data.corpus`); tokenize every document with the
+Steps: read and split the corpus (`pipeline.data.corpus`; documents over
+`corpus.max_doc_chars` characters are left out, counted as `too_long`); tokenize every document with the
 teacher's tokenizer (`datasets.map`, batched, `num_proc` processes); pack each language's
 documents into `seq_len`-token rows with EOS separators (`pipeline.data.packing`); rebalance the
 training rows across languages by temperature sampling; write `train` and `validation`
@@ -31,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_dir
+from pipeline.core.atomic import atomic_dir, check_destinations
 from pipeline.core.config import require
-from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.errors import ConfigError, InputError, first_line, load_errors
 from pipeline.core.provenance import write_json
-from pipeline.data.corpus import CorpusConfig, Documents, read_corpus
+from pipeline.data.corpus import FILE_SKIP_REASONS, CorpusConfig, Documents, read_corpus
 from pipeline.data.packing import pack_flat
 from pipeline.data.tokenized import SPLITS, write_tokenized
 
@@ -74,8 +75,11 @@ def load_tokenizer(teacher: str | Path) -> Any:
         raise InputError(f"{teacher}: teacher folder not found (run `dvc repro prepare_teacher`)")
     try:
         tok = AutoTokenizer.from_pretrained(teacher)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{teacher}: cannot load a tokenizer: {e}") from e
+    except load_errors() as e:
+        raise InputError(
+            f"{teacher}: cannot load a tokenizer ({first_line(e)}); a prepared teacher folder "
+            "holds the tokenizer files (run `dvc repro prepare_teacher`)"
+        ) from e
     if tok.eos_token_id is None:
         raise InputError(f"{teacher}: the tokenizer has no EOS token, needed to separate documents")
     return tok
@@ -85,7 +89,10 @@ def teacher_context(teacher: str | Path) -> int | None:
     """The teacher's maximum context (max_position_embeddings), or None if it has no such limit."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(teacher)
+    try:
+        config = AutoConfig.from_pretrained(teacher)
+    except load_errors() as e:
+        raise InputError(f"{teacher}: cannot load its config.json ({first_line(e)})") from e
     return getattr(config, "max_position_embeddings", None)
 
 
@@ -204,6 +211,7 @@ def run_tokenize(
     cfg: TokenizeConfig, corpus: CorpusConfig, *, teacher: Path, out: Path, metrics: Path
 ) -> dict[str, Any]:
     """Run the stage: write the DatasetDict to `out` (atomically) and metrics JSON; return them."""
+    check_destinations(out, metrics)  # fail now, not after the work
     tokenizer = load_tokenizer(teacher)
     context = teacher_context(teacher)
     if context is not None and cfg.seq_len > context:
@@ -213,6 +221,14 @@ def run_tokenize(
             f"use at most {context}"
         )
     docs = read_corpus(corpus)
+    for lang, reasons in docs.skipped.items():
+        if reasons.get("too_long"):
+            log.warning(
+                "%s: %d document(s) longer than corpus.max_doc_chars=%d skipped (too_long)",
+                lang,
+                reasons["too_long"],
+                corpus.max_doc_chars,
+            )
     encoded = encode_documents(docs, tokenizer, cfg.num_proc)
     splits, per_lang = build_splits(encoded, corpus.languages, cfg, tokenizer.eos_token_id)
     for split, (rows, _) in splits.items():
@@ -241,6 +257,7 @@ def run_tokenize(
         "total": totals,
         "languages": per_lang,
         "skipped_other_languages": skipped_elsewhere,
+        "files_skipped": {r: len(docs.files_skipped.get(r, [])) for r in FILE_SKIP_REASONS},
         "fingerprints": fingerprints,
     }
     write_json(metrics, result)

@@ -45,7 +45,7 @@ from torch import nn
 
 from pipeline.compress.compressed import KERNELS, is_compressed, load_compressed
 from pipeline.core.config import require
-from pipeline.core.errors import InputError, StoreError
+from pipeline.core.errors import InputError, StoreError, first_line, load_errors
 from pipeline.core.provenance import ids_fingerprint, tokenizer_identity, write_json
 from pipeline.data.tokenized import load_tokenized
 from pipeline.evaluate import report
@@ -56,8 +56,9 @@ from pipeline.evaluate.common import (
     describe_model,
     fastest_times,
 )
-from pipeline.store.format import iter_chunks, open_split, read_attrs
-from pipeline.store.verify import compatibility_problems
+from pipeline.store.format import StoreSpec, iter_chunks, open_split, read_attrs
+from pipeline.store.integrity import check_integrity
+from pipeline.store.verify import compatibility_problems, one_line, refuse
 from pipeline.student.losses import partition_kd, sampled_kd, target_nll
 
 log = logging.getLogger(__name__)
@@ -109,18 +110,17 @@ def validation_rows(tokenized: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def check_store(logits: Path, rows: np.ndarray) -> dict[str, Any]:
-    """The store's attributes, after refusing an incomplete one or one made from other ids."""
+    """The store's attributes, after refusing an incomplete one, one made from other ids, or
+    one whose validation arrays or shard files are damaged (`check_integrity`)."""
     attrs = read_attrs(logits)  # StoreError if missing or not a store
     if "validation" not in attrs.get("splits", {}):
         raise StoreError(f"{logits}: the store has no validation split; nothing to compare with")
     problems = compatibility_problems(
         attrs, dataset_fingerprints={"validation": ids_fingerprint(rows)}
     )
-    if problems:
-        raise StoreError(
-            f"{logits}: refusing to evaluate against this logits store:\n  - "
-            + "\n  - ".join(problems)
-        )
+    refuse(logits, "evaluate against", problems)
+    spec = StoreSpec.from_attrs(attrs)
+    check_integrity(logits, spec, attrs, ["validation"], purpose="evaluate against")
     return attrs
 
 
@@ -132,8 +132,8 @@ def check_model(name: str, path: Path, attrs: dict[str, Any]) -> None:
     where = f"model '{name}' ({path})"
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError) as e:
-        raise InputError(f"{where}: cannot load its tokenizer ({e})") from e
+    except (*load_errors(), TypeError) as e:
+        raise InputError(f"{where}: cannot load its tokenizer ({first_line(e)})") from e
     problems = compatibility_problems(
         attrs, tokenizer_identity=tokenizer_identity(tok), require_complete=False
     )
@@ -141,12 +141,12 @@ def check_model(name: str, path: Path, attrs: dict[str, Any]) -> None:
     if problems:
         raise InputError(
             f"{where}: its tokenizer does not match the one the validation data and soft labels "
-            "were made with:\n  - " + "\n  - ".join(problems)
+            f"were made with: {one_line(problems)}"
         )
     try:
         config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{where}: cannot load its config.json ({e})") from e
+    except load_errors() as e:
+        raise InputError(f"{where}: cannot load its config.json ({first_line(e)})") from e
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     teacher_vocab = attrs["teacher"]["vocab_size"]
     if int(text.vocab_size) != int(teacher_vocab):
@@ -165,8 +165,10 @@ def load_model(name: str, path: Path, int8_kernel: str) -> Model:
     else:
         try:
             module = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        except (OSError, ValueError) as e:
-            raise InputError(f"model '{name}' ({path}): cannot load its weights ({e})") from e
+        except load_errors() as e:
+            raise InputError(
+                f"model '{name}' ({path}): cannot load its weights ({first_line(e)})"
+            ) from e
     return describe_model(name, path, module)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import zarr
 
 from pipeline.core.errors import StoreError
+from pipeline.core.text import printable
 from pipeline.store.format import (
     ARRAYS,
     StoreSpec,
@@ -123,7 +124,8 @@ def _size(n: int) -> str:
 
 
 def describe_store(path: str | Path) -> str:
-    """Human-readable summary of a store (`softlabels inspect`)."""
+    """Human-readable summary of a store (`softlabels inspect`); attribute strings come from the
+    store's files, so every line is `printable` (control characters escaped)."""
     d = store_summary(path)
     t, tok = d["teacher"] or {}, d["tokenizer"] or {}
     k = d["k"]
@@ -155,4 +157,4 @@ def describe_store(path: str | Path) -> str:
         )
     else:
         lines.append(f"on disk:    {_size(d['bytes_on_disk'])}; no entries")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)

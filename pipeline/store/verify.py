@@ -28,7 +28,8 @@ import zarr
 import zarr.errors
 
 from pipeline.core.errors import InputError, StoreError
-from pipeline.core.provenance import sha256_file, tokenizer_identity
+from pipeline.core.provenance import tokenizer_identity
+from pipeline.core.text import printable
 from pipeline.data.tokenized import TokenizedSplit, load_tokenized
 from pipeline.store.format import (
     ARRAYS,
@@ -37,11 +38,10 @@ from pipeline.store.format import (
     METHODS,
     REQUIRED_ATTRS,
     StoreSpec,
-    expected_keys,
     iter_chunks,
     read_attrs_any_version,
-    shard_files,
 )
+from pipeline.store.integrity import checksum_problems, layout_problems
 
 MASS_TOLERANCE = 0.02
 """Allowed |sum of distinct ids' probabilities + exp(tail) - 1| (float16 rounding is ~1e-3)."""
@@ -60,9 +60,12 @@ _DATASET_ADVICE = (
 
 
 def abbreviate(value: Any) -> str:
-    """A value for a message: long strings (digests) cut to 12 characters and an ellipsis."""
+    """A value for a message: long strings (digests) cut to 12 characters and an ellipsis,
+    control characters escaped (`printable`: the value comes from an artifact)."""
     text = str(value)
-    return text[:12] + "…" if isinstance(value, str) and len(text) > 16 else text
+    return (
+        printable(text[:12]) + "…" if isinstance(value, str) and len(text) > 16 else printable(text)
+    )
 
 
 def content_sha256(attrs: dict[str, Any]) -> str | None:
@@ -87,7 +90,8 @@ def compatibility_problems(
     vocab_size: int | None = None,
     require_complete: bool = True,
 ) -> list[str]:
-    """Every reason `attrs` (a store's "softlabels" attributes) is unusable by this consumer."""
+    """Every reason `attrs` (a store's "softlabels" attributes) is unusable by this consumer,
+    each as "<what differs>; <what to do>" (the shape `one_line` relies on)."""
     problems = []
     if attrs.get("format_version") != FORMAT_VERSION:
         problems.append(
@@ -151,7 +155,7 @@ def check_compatible(
     dataset_fingerprints: dict[str, str] | None = None,
     vocab_size: int | None = None,
 ) -> None:
-    """Raise StoreError (one line per problem) unless the store is complete and matches the caller.
+    """Raise StoreError (one line, `one_line`) unless the store is complete and matches the caller.
 
     Compared only for the arguments given: the tokenizer identity ({sha256, vocab_size, eos_id},
     from `pipeline.core.provenance.tokenizer_identity`), each split's input-id fingerprint
@@ -164,7 +168,27 @@ def check_compatible(
         vocab_size=vocab_size,
     )
     if problems:
-        raise StoreError("\n".join(problems))
+        raise StoreError(one_line(problems))
+
+
+def one_line(problems: list[str]) -> str:
+    """`compatibility_problems` as one line for an error message: each problem reads
+    "<what differs>; <what to do>", so problems sharing their advice are listed together and
+    the advice is said once ("a, b; advice; c; other advice")."""
+    groups: dict[str, list[str]] = {}
+    for problem in problems:
+        fact, _, advice = problem.partition("; ")
+        groups.setdefault(advice, []).append(fact)
+    return "; ".join(
+        ", ".join(facts) + (f"; {advice}" if advice else "") for advice, facts in groups.items()
+    )
+
+
+def refuse(path: str | Path, purpose: str, problems: list[str]) -> None:
+    """Raise StoreError "`path`: refusing to `purpose` this logits store: <problems>" (one line,
+    `one_line`) if there are problems; return quietly otherwise."""
+    if problems:
+        raise StoreError(f"{path}: refusing to {purpose} this logits store: {one_line(problems)}")
 
 
 class _StreamingFingerprint:
@@ -208,8 +232,9 @@ def _attr_problems(attrs: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _array_problems(group: zarr.Group, spec: StoreSpec, attrs: dict[str, Any]) -> list[str]:
-    """Arrays missing, or whose shape/dtype/chunks/shards disagree with the attributes."""
+def _array_problems(path: Path, spec: StoreSpec, attrs: dict[str, Any]) -> list[str]:
+    """Splits' recorded dataset sizes against the layout, then arrays missing or whose
+    shape/dtype/chunks/shards disagree with the attributes (`integrity.layout_problems`)."""
     problems = []
     for s in spec.splits:
         dsplit = attrs["dataset"]["splits"].get(s.name, {})
@@ -219,100 +244,57 @@ def _array_problems(group: zarr.Group, spec: StoreSpec, attrs: dict[str, Any]) -
                 f"{dsplit.get('seq_len')}) disagrees with splits.{s.name} (n={s.n}, "
                 f"seq_len={s.seq_len})"
             )
-        for name in ARRAYS:
-            key = f"{s.name}/{name}"
-            try:
-                arr = group[key]
-            except KeyError:
-                problems.append(f"{key}: array missing")
-                continue
-            shape = spec.array_shape(s.name, name)
-            want = {
-                "shape": shape,
-                "dtype": np.dtype(DTYPES[name]),
-                "chunks": (spec.chunk_sequences, *shape[1:]),
-                "shards": (spec.shard_sequences(), *shape[1:]),
-            }
-            have = {
-                "shape": arr.shape,
-                "dtype": arr.dtype,
-                "chunks": arr.chunks,
-                "shards": arr.shards,
-            }
-            problems += [
-                f"{key}: {field} is {have[field]} but the attributes imply {want[field]}"
-                for field in want
-                if have[field] != want[field]
-            ]
-    return problems
+    return problems + layout_problems(path, spec)
 
 
-def _checksum_problems(
-    path: Path, spec: StoreSpec, recorded: dict[str, str]
-) -> tuple[list[str], set[tuple[str, int]]]:
-    """Every shard file missing or unlike its recorded sha256, and the set of bad (split, shard).
-
-    Files present but without a recorded checksum (a store not yet finalized) are summed up in
-    one line rather than listed, and their data is still checked.
-    """
-    problems: list[str] = []
-    bad: set[tuple[str, int]] = set()
-    unrecorded: list[str] = []
-    for split, shard in spec.all_shards():
-        for key, file in shard_files(path, split, shard).items():
-            if not file.is_file():
-                problems.append(f"{key}: shard file missing ({file})")
-                bad.add((split, shard))
-            elif key not in recorded:
-                unrecorded.append(key)
-            elif (digest := sha256_file(file)) != recorded[key]:
-                problems.append(
-                    f"{key}: checksum mismatch (recorded {recorded[key][:12]}…, on disk "
-                    f"{digest[:12]}…); the file is corrupt — pull or rebuild the store"
-                )
-                bad.add((split, shard))
-    if unrecorded:
-        problems.append(
-            f"{len(unrecorded)} shard files have no recorded checksum (first: {unrecorded[0]}); "
-            "finalize_store records them once every shard is written"
+def _report(out: list[str], mask: np.ndarray, what: str, first: int) -> None:
+    """Append "<count> <what> (first: sequence s, position p)" when `mask` (n, L) has a hit."""
+    if mask.any():
+        seq, pos = np.argwhere(mask)[0][:2]
+        out.append(
+            f"{int(mask.sum())} {what} (first: sequence {first + int(seq)}, position {int(pos)})"
         )
-    known = set(expected_keys(spec))
-    problems += [
-        f"{k}: checksum recorded for a shard this store does not have"
-        for k in recorded
-        if k not in known
-    ]
-    return problems, bad
+
+
+def label_problems(rows: dict[str, np.ndarray], first: int, vocab: int) -> list[str]:
+    """The cheap value checks a reader runs on every chunk it streams (a few ms per chunk):
+    `ids` (n, L, k) inside [0, vocab), `logprobs` (n, L, k) finite and <= 0, `tail` (n, L) not
+    NaN and <= 0. `first` is the chunk's first row, for the messages."""
+    out: list[str] = []
+    ids = rows["ids"]
+    lp = rows["logprobs"]  # float16 compares exactly against these bounds
+    tail = rows["tail"]
+    _report(
+        out, ((ids < 0) | (ids >= vocab)).any(-1), f"positions with ids outside [0, {vocab})", first
+    )
+    bad_lp = (~np.isfinite(lp) | (lp > LOGPROB_TOLERANCE)).any(-1)
+    _report(out, bad_lp, "positions with logprobs not finite or > 0", first)
+    _report(out, np.isnan(tail) | (tail > LOGPROB_TOLERANCE), "tail values NaN or > 0", first)
+    return out
 
 
 def _chunk_problems(
     rows: dict[str, np.ndarray], first: int, method: str, vocab: int, tok_vocab: int
 ) -> list[str]:
-    """Value checks on one chunk: input_ids/tail (n, L), ids/logprobs (n, L, k)."""
-    out = []
+    """The full value checks on one chunk: `label_problems`, input_ids (n, L) inside the
+    tokenizer, top-k order, and each position's probability mass."""
+    out = label_problems(rows, first, vocab)
     ids = rows["ids"]
     lp = rows["logprobs"].astype(np.float32)  # (n, L, k)
     tail = rows["tail"].astype(np.float32)  # (n, L)
-
-    def report(mask: np.ndarray, what: str) -> None:  # mask (n, L)
-        if mask.any():
-            seq, pos = np.argwhere(mask)[0][:2]
-            out.append(
-                f"{int(mask.sum())} {what} (first: sequence {first + int(seq)}, position {int(pos)})"
-            )
-
-    report(((ids < 0) | (ids >= vocab)).any(-1), f"positions with ids outside [0, {vocab})")
-    report(
+    _report(
+        out,
         (rows["input_ids"] < 0) | (rows["input_ids"] >= tok_vocab),
         f"input_ids outside [0, {tok_vocab})",
+        first,
     )
-    report(
-        (~np.isfinite(lp) | (lp > LOGPROB_TOLERANCE)).any(-1),
-        "positions with logprobs not finite or > 0",
-    )
-    report(np.isnan(tail) | (tail > LOGPROB_TOLERANCE), "tail values NaN or > 0")
     if method == "topk":
-        report((np.diff(lp, axis=-1) > 0).any(-1), "top-k positions not in descending order")
+        _report(
+            out,
+            (np.diff(lp, axis=-1) > 0).any(-1),
+            "top-k positions not in descending order",
+            first,
+        )
     # The distinct ids' probabilities plus exp(tail) must sum to 1: count each id once.
     order = np.argsort(ids, axis=-1, kind="stable")
     sorted_ids = np.take_along_axis(ids, order, -1)
@@ -320,9 +302,11 @@ def _chunk_problems(
     first_seen[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
     with np.errstate(invalid="ignore", over="ignore"):
         mass = (np.exp(np.take_along_axis(lp, order, -1)) * first_seen).sum(-1) + np.exp(tail)
-        report(
+        _report(
+            out,
             ~(np.abs(mass - 1.0) <= MASS_TOLERANCE),
             f"positions whose distinct ids' mass + exp(tail) is not 1 ± {MASS_TOLERANCE}",
+            first,
         )
     return out
 
@@ -438,11 +422,11 @@ def verify_store(
     )
     group = zarr.open_group(path, mode="r")
     problems += compatibility_problems(attrs)  # complete
-    layout = _array_problems(group, spec, attrs)
+    layout = _array_problems(path, spec, attrs)
     problems += layout
     if layout:  # data cannot be interpreted against the attributes
         return problems
-    sums, bad = _checksum_problems(path, spec, attrs["shards"])
+    sums, bad = checksum_problems(path, spec, attrs["shards"])
     problems += sums
     if identity is not None:
         problems += compatibility_problems(

@@ -1,9 +1,12 @@
 """Streaming training batches (token ids + stored soft labels) for the student, in a fixed order.
 
 Reading: the unit is a block of `chunk_sequences` consecutive sequences, the store's chunk, so a
-block is one decompression of each Zarr array and never a partial chunk. Token ids come from the tokenized dataset (memory-mapped Arrow), soft labels (`ids`,
-`logprobs`, `tail`) from the store; `check_store` has verified beforehand that the store was made
-from exactly these token ids.
+block is one decompression of each Zarr array and never a partial chunk. Token ids come from the
+tokenized dataset (memory-mapped Arrow), soft labels (`ids`, `logprobs`, `tail`) from the store;
+`check_store` has verified beforehand that the store was made from exactly these token ids and
+that every shard file matches its checksum, and each block's values are range-checked as it is
+read (a few ms per block, in the reader thread), so a damaged store stops training with one
+line naming the shard, never with NaN losses.
 
 Order (a pure function of the seed, the step and the layout): epoch e permutes the blocks with
 a generator seeded by (seed, e). The permuted blocks are dealt round-robin to `slots`: one slot
@@ -35,12 +38,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr.errors
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.core.errors import InputError, StoreError
 from pipeline.data.tokenized import SPLITS, load_tokenized
-from pipeline.store.format import open_split, read_attrs
-from pipeline.store.verify import compatibility_problems
+from pipeline.store.format import StoreSpec, open_split, read_attrs
+from pipeline.store.integrity import DAMAGED_ADVICE, check_integrity
+from pipeline.store.verify import compatibility_problems, label_problems, refuse
 
 LABELS = ("ids", "logprobs", "tail")
 """The store arrays a training batch carries besides the token ids."""
@@ -202,9 +207,31 @@ class SoftLabelStream(IterableDataset):
 
     def _labels(self) -> dict[str, Any]:
         if self._arrays is None:
+            attrs = read_attrs(self.store)
+            self._vocab = int(attrs["teacher"]["vocab_size"])
+            self._shard_rows = int(attrs["chunk_sequences"]) * int(attrs["shard_chunks"])
             arrays = open_split(self.store, self.split)
             self._arrays = {name: arrays[name] for name in LABELS}
         return self._arrays
+
+    def read_labels(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Soft labels of rows [start, stop) (one chunk): ids (n, L, k), logprobs (n, L, k),
+        tail (n, L), after the cheap value checks (`label_problems`). A chunk that cannot be
+        decoded or holds impossible values is a StoreError naming the shard and what to do,
+        not a decoder traceback or NaN losses."""
+        arrays = self._labels()
+        shard = start // self._shard_rows
+        where = f"{self.store}: {self.split} shard {shard} (rows {start}:{stop})"
+        try:
+            block = {name: np.asarray(arr[start:stop]) for name, arr in arrays.items()}
+        except (ValueError, RuntimeError, OSError, zarr.errors.BaseZarrError) as e:
+            raise StoreError(
+                f"{where}: cannot be decoded ({type(e).__name__}: {e}); {DAMAGED_ADVICE}"
+            ) from e
+        problems = label_problems(block, start, self._vocab)
+        if problems:
+            raise StoreError(f"{where}: {'; '.join(problems)}; {DAMAGED_ADVICE}")
+        return block
 
     def read_window(self, blocks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(sorted row ids, {name: rows}) of whole blocks: one chunk read per block and array."""
@@ -212,8 +239,9 @@ class SoftLabelStream(IterableDataset):
         rows = np.concatenate([np.arange(a, b) for a, b in ranges])
         data = {"input_ids": np.ascontiguousarray(self._tokens()[rows])}  # (n, L)
         if self.store is not None:
-            for name, arr in self._labels().items():
-                data[name] = np.concatenate([arr[a:b] for a, b in ranges])  # (n, L[, k])
+            parts = [self.read_labels(a, b) for a, b in ranges]
+            for name in LABELS:
+                data[name] = np.concatenate([p[name] for p in parts])  # (n, L[, k])
         return rows, data
 
     def _windows(self, slot: int, start: int) -> Iterator[tuple[np.ndarray, dict]]:
@@ -298,13 +326,19 @@ def check_store(
     Refused (StoreError naming every differing field and what to do): a missing or incomplete
     store, one made with another tokenizer, one whose teacher vocabulary is not the student's
     `vocab_size`, or one whose recorded input-id fingerprints differ from the tokenized
-    dataset's (every split both have; the store must have `train`).
+    dataset's (every split both have; the store must have `train`). Then the train split's
+    arrays are checked against the attributes and every shard file against its recorded
+    sha256 (`pipeline.store.integrity.check_integrity`): a damaged store is refused here,
+    before the first step, not when training first reaches the damaged chunk.
     """
     attrs = read_attrs(store)
     store_splits = attrs.get("dataset", {}).get("splits", {})
     problems = []
     if "train" not in store_splits:
-        problems.append("dataset.splits.train is missing: the store has no training split")
+        problems.append(
+            "dataset.splits.train is missing: the store has no training split; re-run "
+            "teacher_logits with a tokenized dataset that has one"
+        )
     both = [s for s in SPLITS if s in store_splits]
     problems += compatibility_problems(
         attrs,
@@ -312,8 +346,6 @@ def check_store(
         dataset_fingerprints=load_tokenized(tokenized, both, missing_ok=True).fingerprints(),
         vocab_size=vocab_size,
     )
-    if problems:
-        raise StoreError(
-            f"{store}: refusing to train from this logits store:\n  - " + "\n  - ".join(problems)
-        )
+    refuse(store, "train from", problems)
+    check_integrity(store, StoreSpec.from_attrs(attrs), attrs, ["train"], purpose="train from")
     return attrs

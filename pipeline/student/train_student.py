@@ -34,11 +34,17 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
-from pipeline.core.atomic import atomic_dir
+from pipeline.core.atomic import atomic_dir, check_destinations
 from pipeline.core.config import require, to_dict
 from pipeline.core.curves import Curves
 from pipeline.core.errors import ConfigError, InputError
-from pipeline.core.provenance import read_provenance, tokenizer_identity, write_json
+from pipeline.core.provenance import (
+    LM_TEACHER_KEYS,
+    read_provenance,
+    tokenizer_identity,
+    write_json,
+)
+from pipeline.core.text import printable
 from pipeline.data.tokenized import load_tokenized
 from pipeline.modeling.llama import check_llama_sizes, llama_config
 from pipeline.modeling.optim import check_optimizer_params
@@ -167,7 +173,8 @@ class TrainStudentConfig:
 
 def describe_source(record: dict[str, Any]) -> str:
     """One line naming what a student learns from (the `softlabels.json` record), so the
-    stage's log alone traces a student back to its teacher pass."""
+    stage's log alone traces a student back to its teacher pass. Control characters in the
+    record's strings (read from the store's attributes) are escaped (`printable`)."""
     t = record["teacher"]
     teacher = f"teacher {t['name']} @ {t.get('revision') or '-'} (sha256 {abbreviate(t['sha256'])})"
     fps = ", ".join(
@@ -175,8 +182,8 @@ def describe_source(record: dict[str, Any]) -> str:
         for split, s in record["dataset"]["splits"].items()
     )
     if record["source"] == "live":
-        return f"the live {teacher}; dataset fingerprints: {fps}"
-    return (
+        return printable(f"the live {teacher}; dataset fingerprints: {fps}")
+    return printable(
         f"store {record['store']} (content sha256 {abbreviate(record['store_sha256'])}): "
         f"{teacher}, {record['method']} k={record['k']} seed={record['seed']}; "
         f"dataset fingerprints: {fps}"
@@ -386,7 +393,7 @@ def _live_source(
             f"the teacher {vocab}; the student must share the teacher's vocabulary"
         )
     identity = tokenizer_identity(tok)
-    prov = read_provenance(teacher)
+    prov = read_provenance(teacher, LM_TEACHER_KEYS)
     if prov.get("tokenizer", {}).get("sha256") != identity["sha256"]:
         raise InputError(
             f"{tokenizer}: this tokenizer is not the teacher's ({teacher}); pass the "
@@ -529,20 +536,18 @@ def run_train_student(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the stage (module docstring); return the metrics it writes to `metrics`."""
+    check_destinations(out, metrics, checkpoints, live_dir)  # fail now, not after the work
     setup = prepare(cfg, tokenized=tokenized, logits=logits, tokenizer=tokenizer, teacher=teacher)
     trainer = setup.trainer
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log.info("student: %d parameters on %s", n_params, setup.device)
     log.info("learning from %s", describe_source(setup.record))
     work = Path(checkpoints) / setup.key
-    state = ckpt.load(work)
+    state = ckpt.resume(work, lambda s: ckpt.restore(trainer, s, numbers=("tokens",)))
     start, tokens_done, train_seconds = 0, 0, 0.0
     if state is not None:
-        trainer.load_state_dict(state["trainer"])
-        ckpt.set_rng_state(state["rng"])
         start, tokens_done = int(state["step"]), int(state["tokens"])
         train_seconds = float(state["seconds"])
-        log.info("resuming from the checkpoint at step %d (%s)", start, work / ckpt.FILE)
     seq_len = setup.validation.shape[1]
     curves = Curves(Path(live_dir), start, state.get("curves") if state else None)
     eval_rows = setup.validation[: cfg.eval_sequences or None]

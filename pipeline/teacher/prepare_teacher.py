@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 import pipeline
-from pipeline.core.atomic import atomic_dir
+from pipeline.core.atomic import atomic_dir, check_destinations
 from pipeline.core.config import require
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, first_line, load_errors
 from pipeline.core.provenance import PROVENANCE_FILE, files_sha256, tokenizer_identity, write_json
 from pipeline.data.corpus import CorpusConfig, Documents, read_corpus
 from pipeline.modeling.llama import check_llama_sizes
@@ -137,6 +137,7 @@ def prepare_teacher(
     records written. Raises ConfigError/InputError (naming `teacher.model` or the file) for an
     unusable model or tokenizer, InputError for a corpus too small to fill one row.
     """
+    check_destinations(out, metrics)  # fail now, not after the work
     docs = read_corpus(corpus)
     threads_before = torch.get_num_threads()
     if cfg.threads:
@@ -251,11 +252,11 @@ def load_pretrained(cfg: TeacherConfig) -> tuple[Any, Any, str | None]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
         model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except load_errors() as e:
         where = "in that folder" if local.is_dir() else "on the hub or in the local hub cache"
         raise InputError(
             f"teacher.model: cannot load {name!r} (revision {cfg.revision!r}) {where}: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"{first_line(e)}"
         ) from e
     if tokenizer.eos_token_id is None:
         raise InputError(
