@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.core.errors import SoftlabelsError, os_error_message
+from pipeline.core.errors import SoftlabelsError, user_error
 from pipeline.core.text import printable, printable_json
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -161,11 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
-    except SoftlabelsError as e:
-        print(f"error: {printable(e)}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # the user's filesystem (permissions, a file where a folder is expected)
-        message = os_error_message(e)
+    except (SoftlabelsError, OSError) as e:  # OSError: the user's filesystem, or a bug
+        message = user_error(e)
         if message is None:
             raise
         print(f"error: {printable(message)}", file=sys.stderr)

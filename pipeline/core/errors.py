@@ -68,6 +68,16 @@ def user_message(e: BaseException) -> str:
     return text
 
 
+def user_error(e: BaseException) -> str | None:
+    """The message for a problem the user can fix: a SoftlabelsError (`user_message`) or an
+    OSError of their filesystem (`os_error_message`); None for anything else (a bug)."""
+    if isinstance(e, SoftlabelsError):
+        return user_message(e)
+    if isinstance(e, OSError):
+        return os_error_message(e)
+    return None
+
+
 def first_line(e: BaseException) -> str:
     """The first non-empty line of an exception's text, or its type name if it has none.
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.core.config import describe, from_params, load_params, with_overrides
-from pipeline.core.errors import SoftlabelsError, os_error_message, user_message
+from pipeline.core.errors import SoftlabelsError, user_error
 from pipeline.core.text import printable
 
 C = TypeVar("C")
@@ -55,11 +55,8 @@ def run_stage(work: Callable[[], Any]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         work()
-    except SoftlabelsError as e:
-        print(f"error: {_lines(user_message(e))}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        message = os_error_message(e)
+    except (SoftlabelsError, OSError) as e:
+        message = user_error(e)
         if message is None:
             raise
         print(f"error: {_lines(message)}", file=sys.stderr)
