@@ -1235,10 +1235,10 @@ def edit_attrs(store: Path, **changes: Any) -> None:
     (store / "zarr.json").write_text(json.dumps(meta))
 
 
-@case("ts_store_deleted_shard", "store with train/logprobs shard 1 deleted")
+@case("ts_store_deleted_shard", "store with train/extra_draws shard 1 deleted")
 def _(ctx, d):
     store = store_copy(ctx, d)
-    shard_file(store, "logprobs").unlink()
+    shard_file(store, "extra_draws").unlink()
     return ts_case(ctx, d, "ts_store_deleted_shard", logits=store)
 
 
@@ -1250,10 +1250,10 @@ def _(ctx, d):
     return ts_case(ctx, d, "ts_store_truncated_shard", logits=store)
 
 
-@case("ts_store_flipped_bytes", "store with two bytes flipped in train/tail shard 1")
+@case("ts_store_flipped_bytes", "store with two bytes flipped in train/entropy shard 1")
 def _(ctx, d):
     store = store_copy(ctx, d)
-    f = shard_file(store, "tail")
+    f = shard_file(store, "entropy")
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     raw[len(raw) // 2 + 1] ^= 0xFF
@@ -1511,7 +1511,7 @@ def _(ctx, d):
 @case("verify_corrupt_store", "softlabels verify on a store with flipped bytes (exit 1)")
 def _(ctx, d):
     store = store_copy(ctx, d)
-    f = shard_file(store, "logprobs", index=0)
+    f = shard_file(store, "extra_draws", index=0)
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     f.write_bytes(bytes(raw))

@@ -16,8 +16,16 @@ store; the live and CE runs use the same block size). The stores besides the pip
 (`data/logits/teacher.zarr`, reused when its method, k and seed match) are written once with
 the teacher_logits stage into --work (kept for reruns). Expect ~20 minutes on 2 CPU cores.
 
+`--seeds S1 S2 ...` repeats every variant once per student seed (train_student.seed: initial
+weights and data order; the stores stay the pipeline's) and reports the mean over seeds, with
+the per-seed values and their spread (sample standard deviation) on the line before the last;
+`sample_vs_full_pct` is the mean over seeds of each seed's paired gap 100 * (ppl_sample /
+ppl_full - 1), same seed on both sides. `--variants` runs a subset (e.g. `full sample` for the
+format-2 quality check: about 45 minutes for 3 seeds).
+
 Last line: {"bench": "kd_quality", "ppl_ce": ..., "ppl_full": ..., "ppl_sample": {"12": ...,
-"32": ...}, "ppl_topk": {"32/renorm": ..., "32/renorm/alpha0.5": ..., ...}}
+"32": ...}, "ppl_topk": {"32/renorm": ..., "32/renorm/alpha0.5": ..., ...},
+"sample_vs_full_pct": {"12": ..., "32": ...}, "seeds": [...]} (variants not run are absent)
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import dataclasses
 import itertools
 import json
 import logging
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,10 +44,26 @@ from pathlib import Path
 from pipeline.capture.teacher_logits import TeacherLogitsConfig, run_teacher_logits
 from pipeline.core.allocator import keep_freed_memory
 from pipeline.core.config import from_params, load_params
-from pipeline.store.format import read_attrs
+from pipeline.core.errors import SoftlabelsError
+from pipeline.core.provenance import LM_TEACHER_KEYS, read_provenance
+from pipeline.store.format import FORMAT_VERSION, read_attrs
 from pipeline.student.train_student import TrainStudentConfig, prepare
 
 TAILS = ("renorm", "bucket", "ignore")
+
+
+def current(store: Path, teacher: Path) -> bool:
+    """Whether a kept store is complete, of this release's format and of this teacher."""
+    try:
+        attrs = read_attrs(store)
+        sha = read_provenance(teacher, LM_TEACHER_KEYS)["sha256"]
+    except SoftlabelsError:
+        return False
+    return (
+        attrs.get("complete") is True
+        and attrs.get("format_version") == FORMAT_VERSION
+        and attrs["teacher"]["sha256"] == sha
+    )
 
 
 def store_for(method: str, k: int, params: dict, args: argparse.Namespace) -> Path:
@@ -51,6 +77,8 @@ def store_for(method: str, k: int, params: dict, args: argparse.Namespace) -> Pa
         ):
             return args.logits
     out = args.work / f"{method}-k{k}.zarr"
+    if out.exists() and not current(out, args.teacher):
+        shutil.rmtree(out)  # another teacher's, an older format's, or an unfinished store
     if not out.exists():
         t0 = time.perf_counter()
         run_teacher_logits(
@@ -78,6 +106,16 @@ def perplexity(cfg: TrainStudentConfig, args: argparse.Namespace, **kw) -> float
     return round(ppl, 2)
 
 
+VARIANTS = ("ce", "full", "sample", "topk")
+
+
+def summary(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the values (per seed)."""
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(mean, 2), "sd": round(sd, 2), "values": values}
+
+
 def main() -> None:
     keep_freed_memory()  # as the stage scripts do (see pipeline/core/allocator.py)
     parser = argparse.ArgumentParser(
@@ -90,6 +128,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".softlabels/bench/kd_quality"))
     parser.add_argument("--sample-k", type=int, nargs="+", default=[12, 32])
     parser.add_argument("--topk-k", type=int, default=32)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="student seeds (default: params')"
+    )
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -97,30 +139,75 @@ def main() -> None:
     params = load_params(args.params)
     base = from_params(TrainStudentConfig, params, "train_student")
     base = dataclasses.replace(base, teacher="store", temperature=1.0, loss="kl")
-    stores = {("sample", k): store_for("sample", k, params, args) for k in args.sample_k}
-    stores[("topk", args.topk_k)] = store_for("topk", args.topk_k, params, args)
-    block = read_attrs(stores[("topk", args.topk_k)])["chunk_sequences"]
-    any_store = stores[("topk", args.topk_k)]
+    seeds = args.seeds or [base.seed]
+    wanted = set(args.variants)
+    stores = {}
+    if "sample" in wanted:
+        stores.update({("sample", k): store_for("sample", k, params, args) for k in args.sample_k})
+    if wanted & {"topk", "ce", "full"}:
+        stores[("topk", args.topk_k)] = store_for("topk", args.topk_k, params, args)
+    any_store = next(iter(stores.values()))
+    block = read_attrs(any_store)["chunk_sequences"]
 
-    print("ce (hard labels only)", file=sys.stderr)
+    runs: dict[str, list[float]] = {}
+    for seed in seeds:
+        seeded = dataclasses.replace(base, seed=seed)
+        if "ce" in wanted:
+            print(f"seed {seed}: ce (hard labels only)", file=sys.stderr)
+            cfg = dataclasses.replace(seeded, alpha=0.0)
+            runs.setdefault("ce", []).append(perplexity(cfg, args, logits=any_store))
+        if "full" in wanted:
+            print(f"seed {seed}: full (teacher live)", file=sys.stderr)
+            live = dataclasses.replace(seeded, teacher="live", alpha=1.0)
+            runs.setdefault("full", []).append(
+                perplexity(live, args, logits=None, teacher=args.teacher, chunk_sequences=block)
+            )
+        for k in args.sample_k if "sample" in wanted else []:
+            print(f"seed {seed}: sample k={k}", file=sys.stderr)
+            cfg = dataclasses.replace(seeded, alpha=1.0)
+            runs.setdefault(f"sample/{k}", []).append(
+                perplexity(cfg, args, logits=stores[("sample", k)])
+            )
+        for alpha, tail in itertools.product((1.0, 0.5), TAILS) if "topk" in wanted else []:
+            name = f"{args.topk_k}/{tail}" + ("" if alpha == 1.0 else f"/alpha{alpha}")
+            print(f"seed {seed}: topk {name}", file=sys.stderr)
+            cfg = dataclasses.replace(seeded, alpha=alpha, tail=tail)
+            runs.setdefault(f"topk/{name}", []).append(
+                perplexity(cfg, args, logits=stores[("topk", args.topk_k)])
+            )
+
     result: dict = {"bench": "kd_quality"}
-    result["ppl_ce"] = perplexity(dataclasses.replace(base, alpha=0.0), args, logits=any_store)
-    print("full (teacher live)", file=sys.stderr)
-    live = dataclasses.replace(base, teacher="live", alpha=1.0)
-    result["ppl_full"] = perplexity(
-        live, args, logits=None, teacher=args.teacher, chunk_sequences=block
-    )
-    result["ppl_sample"] = {}
-    for k in args.sample_k:
-        print(f"sample k={k}", file=sys.stderr)
-        cfg = dataclasses.replace(base, alpha=1.0)
-        result["ppl_sample"][str(k)] = perplexity(cfg, args, logits=stores[("sample", k)])
-    result["ppl_topk"] = {}
-    for alpha, tail in itertools.product((1.0, 0.5), TAILS):
-        name = f"{args.topk_k}/{tail}" + ("" if alpha == 1.0 else f"/alpha{alpha}")
-        print(f"topk {name}", file=sys.stderr)
-        cfg = dataclasses.replace(base, alpha=alpha, tail=tail)
-        result["ppl_topk"][name] = perplexity(cfg, args, logits=stores[("topk", args.topk_k)])
+    if "ce" in runs:
+        result["ppl_ce"] = summary(runs["ce"])["mean"]
+    if "full" in runs:
+        result["ppl_full"] = summary(runs["full"])["mean"]
+    if "sample" in wanted:
+        result["ppl_sample"] = {str(k): summary(runs[f"sample/{k}"])["mean"] for k in args.sample_k}
+    if "topk" in wanted:
+        result["ppl_topk"] = {
+            name.removeprefix("topk/"): summary(v)["mean"]
+            for name, v in runs.items()
+            if name.startswith("topk/")
+        }
+    if "sample" in wanted and "full" in runs:
+        gaps = {
+            str(k): [
+                100 * (s / f - 1) for s, f in zip(runs[f"sample/{k}"], runs["full"], strict=True)
+            ]
+            for k in args.sample_k
+        }
+        result["sample_vs_full_pct"] = {k: round(statistics.fmean(g), 2) for k, g in gaps.items()}
+        print(
+            json.dumps(
+                {
+                    "sample_vs_full_pct_per_seed": {
+                        k: [round(x, 2) for x in g] for k, g in gaps.items()
+                    }
+                }
+            )
+        )
+    result["seeds"] = seeds
+    print(json.dumps({"per_variant": {name: summary(v) for name, v in runs.items()}}))
     print(json.dumps(result))
 
 

@@ -17,6 +17,9 @@ burst on a shared machine hits one round, not the result; the ratios are medians
 ratios. Tokens are input tokens
 (batch x seq_len) per second of wall time, data waiting included.
 
+The line before the last: the median time to read, decode and check one store chunk
+(`decode_ms_per_chunk`) against the student steps that chunk feeds (`steps_ms_per_chunk`).
+
 Last line: {"bench": "student", "offline_tokens_per_s": ..., "online_tokens_per_s": ...,
 "speedup": ..., "loader_ratio": ...} where loader_ratio = offline streaming / from memory.
 """
@@ -50,6 +53,25 @@ def timed(setup: Setup, batches: Iterable, steps: int, warmup: int = 1) -> float
         setup.trainer.step(batch)
         tokens += batch["input_ids"].numel()
     return tokens / (time.perf_counter() - t0)
+
+
+def decode_cost(
+    setup: Setup, block: int, memory_rate: float, chunks: int = 24
+) -> tuple[float, float]:
+    """(median ms to read, decode and check one store chunk, ms of the student steps that chunk
+    feeds): `read_labels` on the first `chunks` chunks (one decompression of each array, the
+    format's decoding and the value checks), against the steps over its block x seq_len tokens
+    at the in-memory rate."""
+    stream = setup.stream()
+    n = len(stream._tokens())
+    times = []
+    for a in range(0, min(n, chunks * block), block):
+        t0 = time.perf_counter()
+        stream.read_labels(a, min(a + block, n))
+        times.append(time.perf_counter() - t0)
+    seq_len = setup.validation.shape[1]
+    step_ms = 1000 * block * seq_len / memory_rate  # the steps one chunk feeds
+    return 1000 * statistics.median(times), step_ms
 
 
 def main() -> None:
@@ -102,6 +124,16 @@ def main() -> None:
         apart, so a burst on the machine shifts both or spoils one round, not the ratio."""
         return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
 
+    decode_ms, step_ms = decode_cost(offline, block, med["memory"])
+    print(
+        json.dumps(
+            {
+                "decode_ms_per_chunk": round(decode_ms, 2),
+                "steps_ms_per_chunk": round(step_ms, 1),
+                "decode_share_of_steps": round(decode_ms / step_ms, 4),
+            }
+        )
+    )
     print(
         json.dumps(
             {

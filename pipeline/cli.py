@@ -31,8 +31,9 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         description=(
             "Print a logits store's provenance (teacher, tokenizer, dataset fingerprints, method, "
             "k, seed), per split the shapes, chunks, shards and compressors of its arrays, the "
-            "shard files present, bytes on disk and bytes per stored (id, logprob) entry, and "
-            "whether it is complete. Reads metadata only: instant, even on a store in progress."
+            "shard files present, bytes on disk, bytes per position (in all and per array) and "
+            "the format's encoding, and whether it is complete. Reads metadata only: instant, "
+            "even on a store in progress. Reads format 1 and format 2 stores."
         ),
     )
     p.add_argument(
@@ -63,7 +64,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
         description=(
             "Check a logits store: format version, complete flag, every shard file present and "
             "matching its recorded sha256, attributes consistent with the arrays, values in range "
-            "(ids inside the vocabulary, log-probabilities <= 0, probability mass summing to 1), "
+            "(ids inside the vocabulary, log-probabilities <= 0, probability mass summing to 1; "
+            "format-2 sample stores: distinct ascending ids, counts summing to k, entropy >= 0), "
             "and optionally that a tokenizer and a tokenized dataset match it. Decompresses the "
             "whole store, one chunk at a time. Prints OK, or one line per problem."
         ),
@@ -130,7 +132,54 @@ def _run_verify(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_inspect, _add_verify]
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="rewrite a format-1 logits store as format 2 (verified, atomic)",
+        description=(
+            "Rewrite a complete format-1 logits store as format 2 (docs/logits-store.md): ids "
+            "as narrow as the vocabulary allows and, for a sample store, distinct ids + counts "
+            "instead of k raw draws, about half the bytes. No teacher is needed. The source is "
+            "checked (complete, checksums) first and only read; every converted shard is "
+            "decoded and compared with the source rows; OUT appears only when all of it passed. "
+            "A converted sample store records the draws' mean -log p in place of the teacher's "
+            "entropy, so students see the same loss as on the source."
+        ),
+        epilog="exit status: 0 converted, 2 refused (the message says why and what to do)",
+    )
+    p.add_argument("store", metavar="STORE", help="the format-1 store, e.g. old/teacher.zarr")
+    p.add_argument("out", metavar="OUT", help="where the format-2 store goes (must not exist)")
+    p.add_argument(
+        "--sample-logprobs",
+        action="store_true",
+        help="sample stores: keep each drawn id's log-probability and the tail mass (needed for "
+        "a student temperature != 1 or inclusion weights; about +32 B per position at k = 32)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from pipeline.store.convert import convert_store
+    from pipeline.store.describe import store_summary
+
+    convert_store(
+        args.store, args.out, sample_logprobs=args.sample_logprobs, progress=not args.no_progress
+    )
+    before, after = store_summary(args.store), store_summary(args.out)
+    print(
+        f"converted {args.store} (format {before['format_version']}, "
+        f"{before['bytes_per_position']:.2f} B per position) -> {args.out} (format "
+        f"{after['format_version']}, {after['bytes_per_position']:.2f} B per position); verified"
+    )
+    return EXIT_OK
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_inspect,
+    _add_verify,
+    _add_convert,
+]
 """Subcommand registrars, in the order `--help` lists them. Add new commands here."""
 
 

@@ -1,7 +1,9 @@
 """Tiny logits stores, tokenizers and tokenized datasets for the store and CLI tests.
 
 Default store: train N=10, validation N=3, L=8, k=4, chunk_sequences=2, shard_chunks=2, so train
-has 3 shards (the last one short: rows 8:10) and validation 1 (short: rows 0:3).
+has 3 shards (the last one short: rows 8:10) and validation 1 (short: rows 0:3). `SPEC` is a
+format-2 top-k store with int32 ids; `spec_for` gives the spec of any method and format (a
+format-2 sample store is distinct ids + counts, without logprobs unless asked).
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.provenance import ids_fingerprint, tokenizer_identity
-from pipeline.store.format import SplitSpec, StoreSpec, create_store, finalize_store, write_shard
+from pipeline.store.format import (
+    FORMAT_VERSION,
+    SplitSpec,
+    StoreSpec,
+    create_store,
+    finalize_store,
+    write_shard,
+)
 
 V, L, K = 50, 8, 4
 SIZES = {"train": 10, "validation": 3}
@@ -23,8 +32,30 @@ SPEC = StoreSpec(
 )
 
 
+def spec_for(
+    method: str = "topk", format_version: int = FORMAT_VERSION, logprobs: bool | None = None
+) -> StoreSpec:
+    """The default layout for `method` and `format_version`; a format-2 sample store keeps
+    logprobs only when `logprobs` is true (default: not, as teacher_logits writes it)."""
+    if logprobs is None:
+        logprobs = not (method == "sample" and format_version >= 2)
+    narrow = "uint16" if format_version >= 2 and method == "sample" else "int32"
+    return StoreSpec(
+        SPEC.splits,
+        K,
+        SPEC.chunk_sequences,
+        SPEC.shard_chunks,
+        method=method,
+        format_version=format_version,
+        id_dtype=narrow,
+        input_dtype=narrow,
+        logprobs=logprobs,
+    )
+
+
 def make_split(n: int, method: str = "topk", seed: int = 0) -> tuple[np.ndarray, ...]:
-    """Valid soft labels for n sequences: (input_ids, ids, logprobs, tail) in store dtypes."""
+    """Valid soft labels for n sequences as a teacher pass gives them: (input_ids, ids, logprobs,
+    tail, entropy) in the dtypes `write_shard` takes."""
     rng = np.random.default_rng(seed)
     input_ids = rng.integers(0, V, (n, L), dtype=np.int32)  # (n, L)
     logits = rng.normal(size=(n, L, V)) * 2.0
@@ -41,7 +72,14 @@ def make_split(n: int, method: str = "topk", seed: int = 0) -> tuple[np.ndarray,
     np.put_along_axis(distinct, ids, 1.0, -1)
     covered = (p * distinct).sum(-1)  # (n, L): mass of the distinct ids
     tail = np.log1p(-np.minimum(covered, 1 - 1e-7))
-    return input_ids, ids, np.log(pk).astype(np.float16), tail.astype(np.float16)
+    entropy = -(p * np.log(p)).sum(-1)  # (n, L) nats
+    return (
+        input_ids,
+        ids,
+        np.log(pk).astype(np.float16),
+        tail.astype(np.float16),
+        entropy.astype(np.float16),
+    )
 
 
 def make_data(method: str = "topk", seed: int = 0) -> dict[str, tuple[np.ndarray, ...]]:
@@ -73,8 +111,10 @@ def make_attrs(
 
 
 def shard_rows(data: dict, split: str, shard: int, spec: StoreSpec = SPEC) -> tuple:
+    """A shard's rows, as `write_shard` takes them for `spec` (entropy only if it keeps it)."""
     start, stop = spec.shards(split)[shard]
-    return tuple(a[start:stop] for a in data[split])
+    rows = tuple(a[start:stop] for a in data[split])
+    return rows if spec.compact else rows[:4]
 
 
 def build_store(
@@ -85,13 +125,16 @@ def build_store(
     finalize: bool = True,
     attrs: dict | None = None,
     method: str = "topk",
+    format_version: int = FORMAT_VERSION,
+    logprobs: bool | None = None,
 ) -> dict[str, str]:
     """Create, write every shard (in `order`), optionally finalize; return the checksums."""
     data = data or make_data(method)
-    create_store(path, SPEC, attrs or make_attrs(data, method=method))
+    spec = spec_for(method, format_version, logprobs)
+    create_store(path, spec, attrs or make_attrs(data, method=method))
     sums: dict[str, str] = {}
-    for split, shard in order or SPEC.all_shards():
-        sums.update(write_shard(path, SPEC, split, shard, *shard_rows(data, split, shard)))
+    for split, shard in order or spec.all_shards():
+        sums.update(write_shard(path, spec, split, shard, *shard_rows(data, split, shard, spec)))
     if finalize:
         finalize_store(path, sums)
     return sums

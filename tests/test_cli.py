@@ -31,7 +31,7 @@ def test_inspect_text(store, capsys):
     assert main(["inspect", str(store)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0] == f"logits store {store}  (format_version 1, written by softlabels 0.1.0)"
+    assert lines[0] == f"logits store {store}  (format_version 2, written by softlabels 0.1.0)"
     from pipeline.store.format import read_attrs
     from pipeline.store.verify import content_sha256
 
@@ -52,9 +52,8 @@ def test_inspect_text(store, capsys):
     assert "shards (4, 8, 4)" in ids_line and "files 3/3" in ids_line
     assert "blosc(zstd, 5, shuffle)" in ids_line  # a top-k store: ids byte-shuffled
     assert "blosc(zstd, 5, shuffle)" in next(line for line in lines if "logprobs " in line)
-    assert (
-        lines[-1].startswith("on disk:    ") and "B per entry in ids+logprobs (raw 6)" in lines[-1]
-    )
+    assert lines[-1].startswith("on disk:    ") and " positions: " in lines[-1]
+    assert "B per position (input_ids " in lines[-1] and "B per stored id (k = 4)" in lines[-1]
 
 
 def test_inspect_json(store, capsys):
@@ -89,12 +88,30 @@ def test_inspect_escapes_control_characters_of_attribute_strings(tmp_path, capsy
 def test_inspect_shows_compressors_of_a_sample_store(tmp_path, capsys):
     build_store(tmp_path / "s.zarr", method="sample")
     assert main(["inspect", "--json", str(tmp_path / "s.zarr")]) == 0
-    arrays = json.loads(capsys.readouterr().out)["splits"]["train"]["arrays"]
-    assert {name: a["compressors"] for name, a in arrays.items()} == {
-        "input_ids": "zstd(level=9)",
-        "ids": "zstd(level=9)",
-        "logprobs": "blosc(zstd, 5, shuffle)",
-        "tail": "blosc(zstd, 5, shuffle)",
+    summary = json.loads(capsys.readouterr().out)
+    arrays = summary["splits"]["train"]["arrays"]
+    assert {name: (a["dtype"], a["compressors"]) for name, a in arrays.items()} == {
+        "input_ids": ("uint16", "zstd(level=12)"),
+        "id_deltas": ("uint16", "blosc(zstd, 5, shuffle)"),
+        "extra_draws": ("uint8", "zstd(level=12)"),
+        "entropy": ("float16", "blosc(zstd, 5, shuffle)"),
+    }
+    assert summary["encoding"]["ids"] == "distinct_deltas_counts"
+    assert summary["encoding"]["logprobs"] is False
+    assert set(summary["bytes_per_position_by_array"]) == set(arrays)
+
+
+def test_inspect_shows_a_format1_sample_store(tmp_path, capsys):
+    build_store(tmp_path / "s.zarr", method="sample", format_version=1)
+    assert main(["inspect", "--json", str(tmp_path / "s.zarr")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    arrays = summary["splits"]["train"]["arrays"]
+    assert summary["format_version"] == 1 and summary["encoding"] is None
+    assert {name: (a["dtype"], a["compressors"]) for name, a in arrays.items()} == {
+        "input_ids": ("int32", "zstd(level=9)"),
+        "ids": ("int32", "zstd(level=9)"),
+        "logprobs": ("float16", "blosc(zstd, 5, shuffle)"),
+        "tail": ("float16", "blosc(zstd, 5, shuffle)"),
     }
 
 

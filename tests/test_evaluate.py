@@ -23,7 +23,14 @@ from pipeline.core.errors import ConfigError, InputError, StoreError
 from pipeline.core.provenance import ids_fingerprint, tokenizer_identity
 from pipeline.evaluate.common import parse_named
 from pipeline.evaluate.evaluate import EvaluateConfig, run_evaluate
-from pipeline.store.format import SplitSpec, StoreSpec, create_store, finalize_store, write_shard
+from pipeline.store.format import (
+    FORMAT_VERSION,
+    SplitSpec,
+    StoreSpec,
+    create_store,
+    finalize_store,
+    write_shard,
+)
 from pipeline.store.verify import _TOKENIZER_ADVICE, abbreviate
 from tests.conftest import stage_module
 
@@ -58,8 +65,17 @@ def teacher_logprobs(teacher_dir: Path, rows: np.ndarray) -> torch.Tensor:
         return torch.log_softmax(model(input_ids=torch.from_numpy(rows).long()).logits, -1)
 
 
-def write_store(path: Path, lp: torch.Tensor, rows: np.ndarray, tok, method: str, k: int) -> None:
-    """A complete validation-only store of the teacher's own distribution `lp` (N, L, V)."""
+def write_store(
+    path: Path,
+    lp: torch.Tensor,
+    rows: np.ndarray,
+    tok,
+    method: str,
+    k: int,
+    format_version: int = FORMAT_VERSION,
+) -> None:
+    """A complete validation-only store of the teacher's own distribution `lp` (N, L, V), in
+    `format_version` (a format-2 sample store as teacher_logits writes it: ids and counts)."""
     vocab = lp.shape[-1]
     if method == "topk":
         ids = torch.sort(lp, dim=-1, descending=True, stable=True).indices[..., :k]  # (N, L, k)
@@ -71,7 +87,16 @@ def write_store(path: Path, lp: torch.Tensor, rows: np.ndarray, tok, method: str
     distinct = torch.zeros_like(lp).scatter_(-1, ids, 1.0)
     covered = (lp.exp() * distinct).sum(-1).clamp(max=1.0)  # (N, L)
     tail = torch.where(covered >= 1 - 1e-6, float("-inf"), torch.log1p(-covered))
-    spec = StoreSpec((SplitSpec("validation", len(rows), rows.shape[1]),), k, 4, 2)
+    entropy = -(lp.exp() * lp).sum(-1)  # (N, L)
+    spec = StoreSpec(
+        (SplitSpec("validation", len(rows), rows.shape[1]),),
+        k,
+        4,
+        2,
+        method=method,
+        format_version=format_version,
+        logprobs=method == "topk" or format_version == 1,
+    )
     attrs = {
         "teacher": {
             "name": "tiny",
@@ -107,6 +132,7 @@ def write_store(path: Path, lp: torch.Tensor, rows: np.ndarray, tok, method: str
                 ids[a:b].numpy().astype(np.int32),
                 logprobs[a:b].numpy().astype(np.float16),
                 tail[a:b].numpy().astype(np.float16),
+                entropy[a:b].numpy().astype(np.float16) if spec.compact else None,
             )
         )
     finalize_store(path, sums)
@@ -133,6 +159,8 @@ def setup(tmp_path_factory, tiny_tokenizer):
     for method, k in (("topk", vocab), ("topk", 8), ("sample", 16)):
         stores[f"{method}{k}"] = root / f"{method}{k}.zarr"
         write_store(stores[f"{method}{k}"], lp, rows, tiny_tokenizer, method, k)
+    stores["sample16-f1"] = root / "sample16-f1.zarr"
+    write_store(stores["sample16-f1"], lp, rows, tiny_tokenizer, "sample", 16, format_version=1)
     return {
         "root": root,
         "teacher": teacher,
@@ -223,10 +251,10 @@ def test_metrics_match_full_vocabulary_reference(setup, tmp_path):
 
 
 def test_sample_store_kl_is_the_draw_average(setup, tmp_path):
-    result = evaluate(setup, tmp_path, "sample16", models=[("student", setup["student"])])
+    result = evaluate(setup, tmp_path, "sample16-f1", models=[("student", setup["student"])])
     from pipeline.store.format import open_split
 
-    arrays = open_split(setup["stores"]["sample16"], "validation")
+    arrays = open_split(setup["stores"]["sample16-f1"], "validation")
     ids = torch.from_numpy(arrays["ids"][:][:, :-1]).long()  # (N, L-1, k)
     lp = torch.from_numpy(arrays["logprobs"][:][:, :-1]).float()
     lq = full_logprobs(setup["student"], setup["rows"])
@@ -244,6 +272,34 @@ def test_sample_store_kl_is_the_draw_average(setup, tmp_path):
     assert result["store"]["method"] == "sample"
 
 
+def test_format2_sample_store_kl_is_entropy_plus_draws_cross_entropy(setup, tmp_path):
+    """Ids + counts + entropy: KL = -H(p) - (1/k) sum_i c_i log q(i), top-1 = the most drawn id,
+    no coverage (no tail); the same draws as the format-1 store give the same cross-entropy."""
+    from pipeline.store.format import open_split
+    from pipeline.store.labels import decode_block
+
+    result = evaluate(setup, tmp_path, "sample16", models=[("student", setup["student"])])
+    arrays = open_split(setup["stores"]["sample16"], "validation")
+    assert set(arrays) == {"input_ids", "id_deltas", "extra_draws", "entropy"}
+    labels = decode_block({name: arr[:] for name, arr in arrays.items()})
+    ids = torch.from_numpy(labels["ids"][:, :-1].astype(np.int64))  # (N, L-1, k)
+    counts = torch.from_numpy(labels["counts"][:, :-1]).double()  # (N, L-1, k)
+    h = torch.from_numpy(labels["entropy"][:, :-1]).double()  # (N, L-1)
+    lq = full_logprobs(setup["student"], setup["rows"]).double()
+    expected = (-h - (counts * lq.gather(-1, ids)).sum(-1) / 16).mean()
+    got = result["models"]["student"]["kl_teacher_model"]
+    assert got == pytest.approx(float(expected), rel=1e-5)
+    raw = open_split(setup["stores"]["sample16-f1"], "validation")
+    draws = torch.from_numpy(raw["ids"][:][:, :-1]).long()
+    assert torch.allclose((counts * lq.gather(-1, ids)).sum(-1), lq.gather(-1, draws).sum(-1))
+    best = ids.gather(-1, counts.argmax(-1, keepdim=True)).squeeze(-1)
+    agree = (lq.argmax(-1) == best).double().mean()
+    assert result["models"]["student"]["top1_agreement"] == pytest.approx(float(agree), abs=1e-9)
+    assert result["store"]["topk_mass_coverage"] is None
+    teacher = evaluate(setup, tmp_path / "t", "sample16", models=[("teacher", setup["teacher"])])
+    assert abs(teacher["models"]["teacher"]["kl_teacher_model"]) < 0.05  # draw noise only
+
+
 def test_dynamic_kernel_is_close_to_dequantized(setup, tmp_path):
     models = [("int8", setup["compressed"])]
     dyn = evaluate(setup, tmp_path / "a", "topk8", models=models)["models"]["int8"]
@@ -254,7 +310,7 @@ def test_dynamic_kernel_is_close_to_dequantized(setup, tmp_path):
 
 
 def test_teacher_kl_is_near_zero_on_its_own_sample_store(setup, tmp_path):
-    result = evaluate(setup, tmp_path, "sample16", models=[("teacher", setup["teacher"])])
+    result = evaluate(setup, tmp_path, "sample16-f1", models=[("teacher", setup["teacher"])])
     assert abs(result["models"]["teacher"]["kl_teacher_model"]) < 5e-3  # fp16 rounding only
 
 

@@ -30,6 +30,7 @@ from tests.store_fixtures import (
     make_data,
     make_tokenized,
     shard_rows,
+    spec_for,
 )
 from tests.store_fixtures import make_tokenizer as make_wordlevel
 
@@ -59,7 +60,11 @@ def env(tmp_path_factory):
     data = make_data("sample")
     make_tokenized(root / "tokenized", data)
     build_store(
-        root / "good.zarr", data, attrs=make_attrs(data, identity, "sample"), method="sample"
+        root / "good.zarr",
+        data,
+        attrs=make_attrs(data, identity, "sample"),
+        method="sample",
+        logprobs=True,  # every array a sample store can have
     )
     return root
 
@@ -112,7 +117,7 @@ def refuse(env: Path, tmp: Path, store: Path, *, before_training: bool = True) -
     return str(e.value)
 
 
-@pytest.mark.parametrize("array", ["logprobs", "ids", "tail"])
+@pytest.mark.parametrize("array", ["logprobs", "id_deltas", "extra_draws", "tail", "entropy"])
 def test_a_deleted_shard_is_refused_before_training(env, tmp_path, array):
     store = copy(env, tmp_path)
     file = shard(store, array)
@@ -139,8 +144,8 @@ def test_attributes_edited_to_disagree_with_the_arrays_are_refused(env, tmp_path
     edit_attrs(store, k=SPEC.k // 2)
     n, seq = SPEC.split("train").n, SPEC.split("train").seq_len
     assert refuse(env, tmp_path, store) == (
-        f"{store}: refusing to train from this store: train/ids: shape is ({n}, {seq}, "
-        f"{SPEC.k}) but the attributes imply ({n}, {seq}, {SPEC.k // 2}) (and 5 more problems); "
+        f"{store}: refusing to train from this store: train/id_deltas: shape is ({n}, {seq}, "
+        f"{SPEC.k}) but the attributes imply ({n}, {seq}, {SPEC.k // 2}) (and 8 more problems); "
         f"{ADVICE}"
     )
 
@@ -148,11 +153,11 @@ def test_attributes_edited_to_disagree_with_the_arrays_are_refused(env, tmp_path
 def test_a_shard_without_a_recorded_checksum_is_refused(env, tmp_path):
     store = copy(env, tmp_path)
     meta = json.loads((store / "zarr.json").read_text())
-    del meta["attributes"]["softlabels"]["shards"]["train/ids/0"]
+    del meta["attributes"]["softlabels"]["shards"]["train/id_deltas/0"]
     (store / "zarr.json").write_text(json.dumps(meta))
     assert refuse(env, tmp_path, store) == (
         f"{store}: refusing to train from this store: 1 shard files have no recorded checksum "
-        f"(first: train/ids/0), so they cannot be trusted; {ADVICE}"
+        f"(first: train/id_deltas/0), so they cannot be trusted; {ADVICE}"
     )
 
 
@@ -160,9 +165,10 @@ def _rewrite(store: Path, split: str, index: int, edit) -> None:
     """Rewrite one shard through the writer (so its files are well-formed) with edited values,
     and record the new checksums: what a buggy writer would produce."""
     data = make_data("sample")
-    rows = [a.copy() for a in shard_rows(data, split, index)]
+    spec = spec_for("sample", logprobs=True)
+    rows = [a.copy() for a in shard_rows(data, split, index, spec)]
     edit(rows)
-    sums = write_shard(store, SPEC, split, index, *rows)
+    sums = write_shard(store, spec, split, index, *rows)
     meta = json.loads((store / "zarr.json").read_text())
     meta["attributes"]["softlabels"]["shards"].update(sums)
     (store / "zarr.json").write_text(json.dumps(meta))
@@ -172,8 +178,9 @@ def _rewrite(store: Path, split: str, index: int, edit) -> None:
     "what,edit",
     [
         ("logprobs not finite or > 0", lambda r: r[2].__setitem__((0, 3, 1), np.nan)),
-        ("ids outside [0, 50)", lambda r: r[1].__setitem__((1, 2, 0), -1)),
+        ("ids outside [0, 50)", lambda r: r[1].__setitem__((1, 2, 0), 60)),
         ("tail values NaN or > 0", lambda r: r[3].__setitem__((0, 0), np.nan)),
+        ("entropy not finite or < 0", lambda r: r[4].__setitem__((1, 5), -np.inf)),
     ],
 )
 def test_impossible_values_stop_the_reader_at_their_shard(env, tmp_path, what, edit):
@@ -188,7 +195,7 @@ def test_impossible_values_stop_the_reader_at_their_shard(env, tmp_path, what, e
 
 def test_the_stage_script_refuses_a_damaged_store_in_one_line(env, tmp_path):
     store = copy(env, tmp_path)
-    corrupt(shard(store, "ids", index=0))
+    corrupt(shard(store, "id_deltas", index=0))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train_student": TINY}))
     p = paths(env, tmp_path, store)
@@ -199,7 +206,9 @@ def test_the_stage_script_refuses_a_damaged_store_in_one_line(env, tmp_path):
     assert run.returncode == 1, run.stderr
     assert "Traceback" not in run.stderr
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {store}: refusing to train from this store: train/ids/0: ")
+    assert last.startswith(
+        f"error: {store}: refusing to train from this store: train/id_deltas/0: "
+    )
     assert not p["out"].exists() and not p["metrics"].exists()
 
 
@@ -242,8 +251,8 @@ def test_a_sound_store_passes_and_unused_splits_are_not_read(env, tmp_path):
     attrs = read_attrs(store)
     spec = StoreSpec.from_attrs(attrs)
     check_integrity(store, spec, attrs)  # sound: no error
-    shard(store, "ids", "validation", 0).unlink()
+    shard(store, "id_deltas", "validation", 0).unlink()
     check_integrity(store, spec, attrs, ["train"])
-    with pytest.raises(StoreError, match="validation/ids/0: shard file missing"):
+    with pytest.raises(StoreError, match="validation/id_deltas/0: shard file missing"):
         check_integrity(store, spec, attrs, ["validation"])
     assert spec.split("train") == SplitSpec("train", 10, 8)

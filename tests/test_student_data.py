@@ -55,7 +55,7 @@ def test_each_epoch_covers_every_row_once_across_slots():
 
 
 def test_batches_carry_the_rows_soft_labels(env):
-    tokens, ids, logprobs, tail = env["data"]["train"]
+    tokens, ids, logprobs, tail, _ = env["data"]["train"]
     s = stream(env)
     it = iter(s)
     for step in range(8):  # > 2 epochs of 10 rows in batches of 3

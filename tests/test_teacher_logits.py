@@ -131,6 +131,7 @@ def test_store_holds_the_kernel_outputs_per_shard_stream(tmp_path, tiny_teacher,
     from pipeline.capture.shards import load_teacher
     from pipeline.data.tokenized import load_tokenized
     from pipeline.store.format import open_split
+    from pipeline.store.labels import decode_block, encode_draws
 
     cfg = small_cfg(batch_size=4)  # one batch per shard (shards hold 4 sequences)
     run(cfg, tiny_teacher, tokenized, tmp_path)
@@ -142,10 +143,17 @@ def test_store_holds_the_kernel_outputs_per_shard_stream(tmp_path, tiny_teacher,
     for shard, (a, b) in ((1, (4, 8)), (3, (12, 13))):
         u = draw_uniforms(shard_generator(cfg.seed, "train", shard), (b - a) * 16, 8)
         out = kernel(torch.from_numpy(ids[a:b].astype(np.int64)), u)
-        assert np.array_equal(arrays["ids"][a:b], out.ids.numpy())
-        assert np.array_equal(arrays["logprobs"][a:b], out.logprobs.numpy())
-        assert np.array_equal(arrays["tail"][a:b], out.tail.numpy())
+        draws = out.ids.numpy()  # (n, L, k)
+        enc = encode_draws(draws, out.logprobs.numpy(), ids_as="uint16", counts_as="uint8")
+        for name in ("id_deltas", "extra_draws"):
+            assert np.array_equal(arrays[name][a:b], enc[name])
+        assert np.array_equal(arrays["entropy"][a:b], out.entropy.numpy().astype(np.float16))
         assert np.array_equal(arrays["input_ids"][a:b], ids[a:b])
+        # The encoding keeps the draws: ids repeated by their counts are the sorted draws.
+        dec = decode_block({name: arr[a:b] for name, arr in arrays.items()})
+        stored_ids, counts = dec["ids"].reshape(-1, 8), dec["counts"].reshape(-1, 8)
+        for p, row in enumerate(np.sort(draws.reshape(-1, 8), axis=1)):
+            assert np.array_equal(np.repeat(stored_ids[p], counts[p]), row)
 
 
 def _stage_cmd(params: Path, teacher: Path, tokenized: Path, root: Path) -> list[str]:
@@ -248,7 +256,7 @@ def test_disk_full_keeps_finished_shards_and_rerun_resumes(
     )
     assert not (root / "out").exists()
     monkeypatch.setattr(shards, "write_shard", real)
-    shard_file = kdir / "teacher.zarr" / "train" / "ids" / "c" / "1" / "0" / "0"
+    shard_file = kdir / "teacher.zarr" / "train" / "id_deltas" / "c" / "1" / "0" / "0"
     shard_file.write_bytes(shard_file.read_bytes()[:-1] + b"\0")  # corrupt a recorded shard
     recomputed = []
 

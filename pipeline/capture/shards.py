@@ -347,6 +347,7 @@ class _ShardWriter:
             "ids": np.empty((n, seq_len, k), np.int32),
             "logprobs": np.empty((n, seq_len, k), np.float16),
             "tail": np.empty((n, seq_len), np.float16),
+            "entropy": np.empty((n, seq_len), np.float16),
             "stats": np.empty((n, 3), np.float64),
         }
 
@@ -362,6 +363,7 @@ class _ShardWriter:
         cur["ids"][a:b] = ids.reshape(n, seq_len, k)
         cur["logprobs"][a:b] = lp.reshape(n, seq_len, k)
         cur["tail"][a:b] = tail.reshape(n, seq_len)
+        cur["entropy"][a:b] = entropy.reshape(n, seq_len)
         cur["stats"][a:b] = per_sequence_stats(
             *(x.reshape(n, seq_len) for x in (covered, entropy, top1))
         )
@@ -380,6 +382,7 @@ class _ShardWriter:
             cur["ids"],
             cur["logprobs"],
             cur["tail"],
+            cur["entropy"] if self.job.spec.compact else None,
         )
         fidelity = Fidelity()
         fidelity.add(

@@ -45,14 +45,15 @@ from pipeline.core.device import resolve_device
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.provenance import LM_TEACHER_KEYS, read_provenance
 from pipeline.data.tokenized import SPLITS, TokenizedData, load_tokenized
+from pipeline.store.format import FORMAT_VERSION as STORE_FORMAT_VERSION
 from pipeline.store.format import (
-    ARRAYS,
+    PER_CANDIDATE,
     Method,
     SplitSpec,
     StoreSpec,
     finalize_store,
 )
-from pipeline.store.format import FORMAT_VERSION as STORE_FORMAT_VERSION
+from pipeline.store.labels import id_dtype
 from pipeline.store.work import (
     dir_bytes,
     finished_records,
@@ -77,7 +78,13 @@ class TeacherLogitsConfig:
     """How ids are chosen per position: the k most probable ids, or k draws with replacement
     from the teacher's distribution (unbiased; duplicates kept)."""
     k: int = 32
-    """Stored (id, logprob) pairs per position; 1 <= k <= the teacher's vocabulary size."""
+    """Ids per position: the top k, or k draws (stored as distinct ids + counts);
+    1 <= k <= the teacher's vocabulary size."""
+    sample_logprobs: bool = False
+    """Keep the teacher's log-probability of each drawn id (and the `tail` mass) in a sample
+    store: needed for a student temperature != 1, `sample_weights: inclusion` and the store's
+    mass checks; about +32 B per position at k = 32 (the store doubles). Off, the store keeps ids, counts and the
+    teacher's entropy, all that sampled KD at T = 1 needs. topk stores always keep them."""
     seed: int = 0
     """Seed of the sampling draws (each shard derives its own stream from it)."""
     batch_size: int = 32
@@ -175,6 +182,24 @@ def store_attrs(
     }
 
 
+def store_spec(
+    cfg: TeacherLogitsConfig, prov: dict[str, Any], fingerprints: dict[str, dict[str, Any]]
+) -> StoreSpec:
+    """The layout and encoding of the store this run writes (format `STORE_FORMAT_VERSION`):
+    ids as narrow as the teacher's vocabulary allows, input ids as the tokenizer's."""
+    return StoreSpec(
+        tuple(SplitSpec(s, f["n"], f["seq_len"]) for s, f in fingerprints.items()),
+        cfg.k,
+        cfg.chunk_sequences,
+        cfg.shard_chunks,
+        method=cfg.method,
+        format_version=STORE_FORMAT_VERSION,
+        id_dtype=id_dtype(int(prov["vocab_size"])),
+        input_dtype=id_dtype(int(prov["tokenizer"]["vocab_size"])),
+        logprobs=cfg.method == "topk" or cfg.sample_logprobs,
+    )
+
+
 def work_key(
     cfg: TeacherLogitsConfig,
     prov: dict[str, Any],
@@ -193,6 +218,7 @@ def work_key(
         "splits": fingerprints,
         "method": cfg.method,
         "k": cfg.k,
+        "sample_logprobs": cfg.sample_logprobs,
         "seed": cfg.seed,
         "chunk_sequences": cfg.chunk_sequences,
         "shard_chunks": cfg.shard_chunks,
@@ -230,12 +256,7 @@ def run_teacher_logits(
         s: {"n": len(d), "seq_len": d.seq_len, "fingerprint": ids_fps[s]}
         for s, d in data.splits.items()
     }
-    spec = StoreSpec(
-        tuple(SplitSpec(s, f["n"], f["seq_len"]) for s, f in fingerprints.items()),
-        cfg.k,
-        cfg.chunk_sequences,
-        cfg.shard_chunks,
-    )
+    spec = store_spec(cfg, prov, fingerprints)
     key = work_key(cfg, prov, fingerprints, device, dtype)
     kdir = Path(work_dir) / key_digest(key)
     store, records = kdir / out.name, kdir / "shards"
@@ -326,12 +347,8 @@ def _metrics(
     tokens = sum(s.n * s.seq_len for s in spec.splits)
     entries = tokens * spec.k
     total = dir_bytes(store)
-    pair_bytes = sum(
-        dir_bytes(store / s.name / a)
-        for s in spec.splits
-        for a in ARRAYS
-        if a in ("ids", "logprobs")
-    )
+    by_array = {a: sum(dir_bytes(store / s.name / a) for s in spec.splits) for a in spec.ARRAYS}
+    pair_bytes = sum(b for a, b in by_array.items() if a in PER_CANDIDATE)
     return {
         "method": cfg.method,
         "k": cfg.k,
@@ -342,7 +359,10 @@ def _metrics(
         "storage": {
             "bytes": total,
             "bytes_per_token": total / tokens if tokens else None,
+            "bytes_per_token_by_array": {
+                a: round(b / tokens, 4) if tokens else None for a, b in by_array.items()
+            },
             "bytes_per_entry": pair_bytes / entries if entries else None,
-            "raw_bytes_per_entry": 6,
+            "format_version": spec.format_version,
         },
     }

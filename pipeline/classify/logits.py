@@ -44,6 +44,7 @@ from pipeline.classify.corpus import (
 )
 from pipeline.classify.inference import check_label_config, class_logprobs, load_classifier
 from pipeline.classify.store import (
+    CLASS_FORMAT_VERSION,
     ClassStoreSpec,
     row_identity,
     spec_for,
@@ -54,7 +55,7 @@ from pipeline.core.config import require
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.provenance import read_provenance
-from pipeline.store.format import FORMAT_VERSION, finalize_store, write_shard_arrays
+from pipeline.store.format import finalize_store, write_shard_arrays
 from pipeline.store.work import (
     dir_bytes,
     finished_records,
@@ -190,7 +191,7 @@ def work_key(
         "shard_chunks": cfg.shard_chunks,
         "device": device,
         "dtype": dtype,
-        "store_format": FORMAT_VERSION,
+        "store_format": CLASS_FORMAT_VERSION,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

@@ -41,7 +41,6 @@ from pipeline import __version__
 from pipeline.core.errors import StoreError
 from pipeline.core.text import printable
 from pipeline.store.format import (
-    FORMAT_VERSION,
     ShardedLayout,
     _canonical,
     create_store,
@@ -86,6 +85,11 @@ REQUIRED_CLASS_ATTRS: dict[str, tuple[str, ...]] = {
     "temperature": (),
 }
 """Keys the caller of `create_store` must supply for a classification store."""
+
+
+CLASS_FORMAT_VERSION = 1
+"""Version of the classification store's layout (unchanged by LM store format 2, whose
+compact encoding is for sampled token labels; `read_attrs` accepts it)."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class ClassStoreSpec(ShardedLayout):
 
     def layout_attrs(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": CLASS_FORMAT_VERSION,
             "task": TASK,
             "num_classes": self.num_classes,
             "chunk_rows": self.chunk_rows,

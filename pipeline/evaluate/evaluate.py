@@ -13,12 +13,14 @@ data, scored against the teacher's stored validation soft labels:
   (`pipeline.student.losses.partition_kd`, tail=bucket), which is a lower bound of the full KL;
 - top-1 agreement: the model's argmax equals the teacher's most probable stored id (exact
   for topk; for sample stores the most probable of the k draws, which misses the teacher's
-  argmax only when none of the k draws hit it, (1 - p_max)^k, i.e. on flat distributions);
+  argmax only when none of the k draws hit it, (1 - p_max)^k, i.e. on flat distributions;
+  without stored logprobs, the most drawn id, which can also miss it when two ids are close);
 - parameter count (and nonzero parameters), size on disk (weight files, and the whole folder);
 - throughput in tokens/s: one fixed batch, every model timed on it in interleaved rounds on the
   same machine in the same process, fastest round per model (rounds rotate the order, so a
   burst of load from elsewhere does not land on one model only);
-- the store's top-k mass coverage, mean over positions of 1 - exp(tail).
+- the store's top-k mass coverage, mean over positions of 1 - exp(tail) (when the store keeps
+  `tail`: not in a format-2 sample store without logprobs).
 
 Positions: position t of a row predicts token t+1, and store position t holds the teacher's
 distribution for token t+1; every number uses positions 0..L-2, where a next token exists.
@@ -58,6 +60,7 @@ from pipeline.evaluate.common import (
 )
 from pipeline.store.format import StoreSpec, iter_chunks, open_split, read_attrs
 from pipeline.store.integrity import check_integrity
+from pipeline.store.labels import decode_block
 from pipeline.store.verify import compatibility_problems, one_line, refuse
 from pipeline.student.losses import partition_kd, sampled_kd, target_nll
 
@@ -189,26 +192,30 @@ class RowSums:
 def score_batch(
     module: nn.Module,
     inp: torch.Tensor,
-    ids: torch.Tensor,
-    logprobs: torch.Tensor,
-    tail_logmass: torch.Tensor,
+    labels: dict[str, torch.Tensor],
     method: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-row sums of (NLL, KL(teacher || model), top-1 agreement) over positions 0..L-2.
 
-    inp (b, L) int64; ids (b, L, k) int; logprobs (b, L, k); tail_logmass (b, L), the store's
-    `tail` array.
+    inp (b, L) int64; labels: the store's decoded labels of these rows
+    (`pipeline.store.labels.decode_block`): ids (b, L, k) and, as the store has them,
+    logprobs (b, L, k), tail (b, L), counts (b, L, k), entropy (b, L). The teacher's top-1 is
+    the most probable stored id, or, in a sample store without logprobs, the most drawn one.
     """
     z = module(input_ids=inp).logits[:, :-1].float()  # (b, L-1, V)
     lse = torch.logsumexp(z, dim=-1)  # (b, L-1)
     nll = target_nll(z, inp[:, 1:], lse)  # (b, L-1)
-    ids, logprobs = ids[:, :-1].long(), logprobs[:, :-1].float()
-    tail_logmass = tail_logmass[:, :-1].float()
+    cut = {name: t[:, :-1] for name, t in labels.items()}  # positions 0..L-2
+    ids = cut["ids"].long()  # (b, L-1, k)
+    lp = cut["logprobs"].float() if "logprobs" in cut else None  # (b, L-1, k)
     if method == "sample":
-        kl = sampled_kd(z, ids, logprobs, lse=lse)  # (b, L-1) unbiased
+        kl = sampled_kd(
+            z, ids, lp, counts=cut.get("counts"), entropy=cut.get("entropy"), lse=lse
+        )  # (b, L-1) unbiased
     else:
-        kl = partition_kd(z, ids, logprobs, tail_logmass, tail="bucket", lse=lse)  # lower bound
-    teacher_top = ids.gather(-1, logprobs.argmax(-1, keepdim=True)).squeeze(-1)  # (b, L-1)
+        kl = partition_kd(z, ids, lp, cut["tail"], tail="bucket", lse=lse)  # lower bound
+    score = lp if lp is not None else cut["counts"].float()  # (b, L-1, k)
+    teacher_top = ids.gather(-1, score.argmax(-1, keepdim=True)).squeeze(-1)  # (b, L-1)
     agree = (z.argmax(-1) == teacher_top).double()  # (b, L-1)
     return (
         nll.double().sum(-1).numpy(),
@@ -219,27 +226,28 @@ def score_batch(
 
 def score_models(
     models: list[Model], rows: np.ndarray, logits: Path, method: str, batch_size: int
-) -> tuple[dict[str, RowSums], float]:
-    """Score every model on every row (store chunks read once); return sums and coverage."""
+) -> tuple[dict[str, RowSums], float | None]:
+    """Score every model on every row (store chunks read once); return sums and the mean
+    coverage of the stored ids' mass (None when the store keeps no `tail`)."""
     n = len(rows)
     sums = {m.name: RowSums.zeros(n) for m in models}
     coverage_sum, coverage_count = 0.0, 0
     for first, chunk in iter_chunks(open_split(logits, "validation"), 0, n):
-        tail_np = chunk["tail"][:, :-1].astype(np.float64)  # (c, L-1)
-        coverage_sum += float((1.0 - np.exp(tail_np)).sum())
-        coverage_count += tail_np.size
-        for a in range(0, len(chunk["ids"]), batch_size):
-            b = min(a + batch_size, len(chunk["ids"]))
+        labels = decode_block(chunk)
+        if "tail" in labels:
+            tail_np = labels["tail"][:, :-1].astype(np.float64)  # (c, L-1)
+            coverage_sum += float((1.0 - np.exp(tail_np)).sum())
+            coverage_count += tail_np.size
+        for a in range(0, len(labels["ids"]), batch_size):
+            b = min(a + batch_size, len(labels["ids"]))
             lo, hi = first + a, first + b
             inp = torch.from_numpy(rows[lo:hi].astype(np.int64))  # (b, L)
-            ids = torch.from_numpy(chunk["ids"][a:b])
-            lp = torch.from_numpy(chunk["logprobs"][a:b])
-            tail_logmass = torch.from_numpy(chunk["tail"][a:b])
+            batch = {name: torch.from_numpy(x[a:b]) for name, x in labels.items()}
             for m in models:
-                nll, kl, agree = score_batch(m.module, inp, ids, lp, tail_logmass, method)
+                nll, kl, agree = score_batch(m.module, inp, batch, method)
                 s = sums[m.name]
                 s.nll[lo:hi], s.kl[lo:hi], s.agree[lo:hi] = nll, kl, agree
-    return sums, coverage_sum / max(coverage_count, 1)
+    return sums, (coverage_sum / coverage_count if coverage_count else None)
 
 
 @torch.inference_mode()

@@ -43,6 +43,13 @@ CURVE_METRICS = (
 FALLBACK_CURVE = ("train/loss", "train loss")
 
 
+def _coverage(store: dict) -> str:
+    """The store's mass coverage, or why there is none (a sample store without logprobs)."""
+    if store.get("topk_mass_coverage") is None:
+        return "ids and counts only (no logprobs, so no mass coverage)."
+    return f"mean mass coverage of the stored ids {100 * store['topk_mass_coverage']:.1f}%."
+
+
 def write_plot_tables(
     plots: Path, results: dict[str, dict[str, Any]], per_language: dict[str, dict[str, dict]]
 ) -> None:
@@ -266,8 +273,7 @@ def markdown(
         "",
         f"Validation split: {val['sequences']:,} sequences of {val['seq_len']} tokens, "
         f"{val['positions']:,} scored positions, {val['languages']} languages. Soft labels: "
-        f"`{store['method']}` store, k = {store['k']}, mean top-k mass coverage "
-        f"{100 * store['topk_mass_coverage']:.1f}%.",
+        f"`{store['method']}` store, k = {store['k']}, " + _coverage(store),
         "",
         "| model | parameters | nonzero | weights on disk | folder on disk | perplexity ↓ "
         "| KL(teacher ‖ model) ↓ | top-1 agreement ↑ | tokens/s ↑ |",

@@ -16,7 +16,6 @@ import zarr
 from pipeline.core.errors import StoreError
 from pipeline.core.text import printable
 from pipeline.store.format import (
-    ARRAYS,
     StoreSpec,
     entries,
     raw_bytes_per_sequence,
@@ -52,24 +51,26 @@ def store_summary(path: str | Path) -> dict[str, Any]:
     group = zarr.open_group(path, mode="r")
     splits: dict[str, Any] = {}
     pair_bytes = 0
+    by_array: dict[str, int] = {}
     for s in spec.splits:
         n_shards = len(spec.shards(s.name))
-        files: dict[str, list[Path]] = {name: [] for name in ARRAYS}
-        for name in ARRAYS:
+        files: dict[str, list[Path]] = {name: [] for name in spec.ARRAYS}
+        for name in spec.ARRAYS:
             if f"{s.name}/{name}" not in group:
                 raise StoreError(
                     f"{path}: array {s.name}/{name} is missing; the store is damaged "
                     "(`softlabels verify` lists what else is wrong)"
                 )
         for i in range(n_shards):
-            for key, file in shard_files(path, s.name, i).items():
+            for key, file in shard_files(path, s.name, i, spec.ARRAYS).items():
                 files[key.split("/")[1]].append(file)
         arrays = {}
-        for name in ARRAYS:
+        for name in spec.ARRAYS:
             arr = group[f"{s.name}/{name}"]
             present = [f for f in files[name] if f.is_file()]
             size = sum(f.stat().st_size for f in present)
-            if name in ("ids", "logprobs"):
+            by_array[name] = by_array.get(name, 0) + size
+            if name in ("ids", "counts", "logprobs"):
                 pair_bytes += size
             arrays[name] = {
                 "shape": list(arr.shape),
@@ -91,6 +92,7 @@ def store_summary(path: str | Path) -> dict[str, Any]:
             "arrays": arrays,
         }
     n_entries = entries(spec)
+    positions = n_entries // spec.k
     total = _tree_bytes(path)
     return {
         "path": str(path),
@@ -112,6 +114,12 @@ def store_summary(path: str | Path) -> dict[str, Any]:
         "entries": n_entries,
         "bytes_per_entry_ids_logprobs": round(pair_bytes / n_entries, 4) if n_entries else None,
         "bytes_per_entry_all": round(total / n_entries, 4) if n_entries else None,
+        "positions": positions,
+        "bytes_per_position": round(total / positions, 3) if positions else None,
+        "bytes_per_position_by_array": {
+            a: round(b / positions, 3) if positions else None for a, b in by_array.items()
+        },
+        "encoding": attrs.get("encoding"),
     }
 
 
@@ -127,6 +135,7 @@ def describe_store(path: str | Path) -> str:
     """Human-readable summary of a store (`softlabels inspect`); attribute strings come from the
     store's files, so every line is `printable` (control characters escaped)."""
     d = store_summary(path)
+    spec = StoreSpec.from_attrs(read_attrs_any_version(path))
     t, tok = d["teacher"] or {}, d["tokenizer"] or {}
     k = d["k"]
     lines = [
@@ -139,7 +148,7 @@ def describe_store(path: str | Path) -> str:
         f"({d['chunk_sequences'] * d['shard_chunks']} sequences per shard file)",
     ]
     for name, s in d["splits"].items():
-        raw = raw_bytes_per_sequence(s["seq_len"], k) * d["chunk_sequences"]
+        raw = raw_bytes_per_sequence(spec, s["seq_len"]) * d["chunk_sequences"]
         lines.append(
             f"split {name}: {s['n']} sequences x {s['seq_len']} positions, {s['shards']} shards, "
             f"dataset fingerprint {abbreviate(s['fingerprint'])}, {_size(raw)} raw per chunk"
@@ -150,10 +159,11 @@ def describe_store(path: str | Path) -> str:
                 f"shards {tuple(a['shards'])!s:<16} {a['compressors']:<24} files {a['shard_files']:<7} {_size(a['bytes'])}"
             )
     if d["entries"]:
+        arrays = ", ".join(f"{a} {b:.2f}" for a, b in d["bytes_per_position_by_array"].items())
         lines.append(
-            f"on disk:    {_size(d['bytes_on_disk'])}; {d['entries']} (id, logprob) entries: "
-            f"{d['bytes_per_entry_ids_logprobs']:.3f} B per entry in ids+logprobs (raw 6), "
-            f"{d['bytes_per_entry_all']:.3f} B per entry for the whole store"
+            f"on disk:    {_size(d['bytes_on_disk'])}; {d['positions']} positions: "
+            f"{d['bytes_per_position']:.2f} B per position ({arrays}; the rest is metadata), "
+            f"{d['bytes_per_entry_all']:.3f} B per stored id (k = {k})"
         )
     else:
         lines.append(f"on disk:    {_size(d['bytes_on_disk'])}; no entries")

@@ -1,15 +1,21 @@
 """The logits store: sparse teacher soft labels in a sharded Zarr v3 group (see docs/logits-store.md).
 
-Layout: one group per split (`train`, `validation`), each with four arrays indexed by sequence:
-`input_ids` (N, L) int32, `ids` (N, L, k) int32, `logprobs` (N, L, k) float16 and `tail` (N, L)
-float16. Every array is chunked by whole sequences along axis 0 (`chunk_sequences` rows, full L
+Layout: one group per split (`train`, `validation`), each with arrays indexed by sequence. Format 1
+(read, and written for tests and `convert`'s source): `input_ids` (N, L) int32, `ids` (N, L, k)
+int32, `logprobs` (N, L, k) float16 and `tail` (N, L) float16. Format 2 (written by this release):
+the same for `topk` with ids as narrow as the vocabulary allows; for `sample`, distinct ids +
+counts + `entropy` (`pipeline.store.labels`: `id_deltas`, `extra_draws`), `logprobs` and `tail`
+only on request. The
+arrays of a store follow from its `StoreSpec` and are recorded in its `dtypes` attribute. Every
+array is chunked by whole sequences along axis 0 (`chunk_sequences` rows, full L
 and k) so a reader streams whole sequences, and `shard_chunks` consecutive chunks are packed into
 one file by the `sharding_indexed` codec, so a store is hundreds of files rather than hundreds of
 thousands and DVC push/pull stays fast. Trade-off: a shard is the unit of writing; it is always
 written whole, by exactly one writer, and rewriting any row rewrites its whole shard file.
 
 Compression (lossless; chosen by measuring zstd against blosc-zstd with byte shuffle on synthetic
-teacher distributions, V=32000, k=32; numbers in docs/logits-store.md): float16 arrays use
+teacher distributions, V=32000, k=32, and for format 2 on the default run; numbers in
+docs/logits-store.md): a format-2 sample store's integer arrays use zstd level 12; float16 arrays use
 blosc-zstd level 5 with byte shuffle (grouping the exponent bytes makes log-probabilities up to a
 quarter smaller than plain zstd). For int32 arrays the winner depends on `method`: distinct top-k
 ids compress best byte-shuffled (blosc-zstd 5, 6-9% smaller than zstd 9 or 3), while sampled ids, which
@@ -43,15 +49,21 @@ from pipeline import __version__
 from pipeline.core.errors import StoreError
 from pipeline.core.provenance import sha256_file
 from pipeline.data.tokenized import SPLITS  # an LM store's splits are the tokenized data's
+from pipeline.store.labels import SAMPLE_ARRAYS_V2, count_dtype, encode_draws, narrow
 
 # Determinism: blosc compresses in the calling thread only (zarr sets this too; we rely on it).
 numcodecs.blosc.use_threads = False
 
-FORMAT_VERSION: int = 1
-"""Version of the layout and attributes below; readers refuse any other."""
+FORMAT_VERSION: int = 2
+"""Version written by this release: format 2 (docs/logits-store.md), the compact encoding of
+`pipeline.store.labels`."""
+
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+"""Versions this release reads; any other is refused with what to do."""
 
 ARRAYS = ("input_ids", "ids", "logprobs", "tail")
-"""The arrays of every split, in the fixed order used for listings and checksum keys."""
+"""The arrays of a format-1 split (and of a format-2 topk split), in the fixed order used for
+listings and checksum keys."""
 
 Method = Literal["topk", "sample"]
 """How `ids` were chosen: the k most probable ids, or k draws with replacement."""
@@ -68,15 +80,21 @@ DTYPES: dict[str, str] = {
     "logprobs": "float16",
     "tail": "float16",
 }
-"""The dtype of each array (recorded in the attributes as `dtypes`)."""
+"""The dtype of each array of a format-1 store (recorded in the attributes as `dtypes`)."""
 
 DIMENSIONS: dict[str, tuple[str, ...]] = {
     "input_ids": ("sequence", "position"),
     "ids": ("sequence", "position", "candidate"),
+    "id_deltas": ("sequence", "position", "candidate"),
+    "extra_draws": ("sequence", "position", "candidate"),
     "logprobs": ("sequence", "position", "candidate"),
     "tail": ("sequence", "position"),
+    "entropy": ("sequence", "position"),
 }
-"""Dimension names recorded in each array's metadata."""
+"""Dimension names recorded in each array's metadata (every format)."""
+
+PER_CANDIDATE = ("ids", "id_deltas", "extra_draws", "logprobs")
+"""Arrays with a candidate axis, (N, L, k); the others are (N, L)."""
 
 REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
     "teacher": ("name", "revision", "sha256", "architecture", "vocab_size"),
@@ -168,20 +186,35 @@ class SplitSpec:
 
 @dataclass(frozen=True)
 class StoreSpec(ShardedLayout):
-    """Shape of a whole LM store: its splits, k, and how rows are grouped into chunks and shards.
+    """Shape and encoding of a whole LM store: its splits, k, chunking, format and array dtypes.
 
     `splits` is kept in the canonical order (train, then validation) whatever order it is given in,
-    so two specs describing the same store compare equal.
+    so two specs describing the same store compare equal. The arrays follow from `format_version`,
+    `method` and `logprobs` (`ARRAYS`, `DTYPES`): format 1 stores `input_ids`, `ids`, `logprobs`,
+    `tail` at 32/16 bits; format 2 narrows the ids to `id_dtype`/`input_dtype` and encodes a sample
+    store as distinct ids + counts + `entropy` (`pipeline.store.labels`), with `logprobs` and
+    `tail` only when `logprobs` is true.
     """
 
     splits: tuple[SplitSpec, ...]
     """The splits, at most one per name."""
     k: int
-    """Stored (id, logprob) pairs per position."""
+    """Stored ids per position: top-k ids, or sample draws (format 2: the width of the padded
+    distinct ids, and the sum of each position's counts)."""
     chunk_sequences: int
     """Sequences per chunk (the unit a reader decompresses)."""
     shard_chunks: int
     """Chunks per shard file (the unit of writing and of checksums)."""
+    method: str = "topk"
+    """How the ids were chosen (`METHODS`)."""
+    format_version: int = FORMAT_VERSION
+    """1 or 2 (`READABLE_VERSIONS`); writers use `FORMAT_VERSION`."""
+    id_dtype: str = "int32"
+    """dtype of `ids`: int32 in format 1; `labels.id_dtype(teacher vocab)` in format 2."""
+    input_dtype: str = "int32"
+    """dtype of `input_ids`: int32 in format 1; `labels.id_dtype(tokenizer vocab)` in format 2."""
+    logprobs: bool = True
+    """Whether `logprobs` and `tail` are stored (always, but for format-2 sample stores)."""
 
     def __post_init__(self) -> None:
         splits = tuple(sorted(self.splits, key=lambda s: SPLITS.index(s.name)))
@@ -191,10 +224,50 @@ class StoreSpec(ShardedLayout):
         for key in ("k", "chunk_sequences", "shard_chunks"):
             if getattr(self, key) < 1:
                 raise ValueError(f"StoreSpec.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.method not in METHODS:
+            raise ValueError(f"StoreSpec.method: must be one of {METHODS}, got {self.method!r}")
+        if self.format_version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"StoreSpec.format_version: must be one of {READABLE_VERSIONS}, "
+                f"got {self.format_version!r}"
+            )
+        for key in ("id_dtype", "input_dtype"):
+            allowed = ("int32",) if self.format_version == 1 else ("uint16", "int32")
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"StoreSpec.{key}: format {self.format_version} allows {allowed}, got "
+                    f"{getattr(self, key)!r}"
+                )
+        if not self.logprobs and not self.compact:
+            raise ValueError(
+                "StoreSpec.logprobs: only format-2 sample stores may leave out logprobs"
+            )
         object.__setattr__(self, "splits", splits)
 
-    ARRAYS = ARRAYS
-    DTYPES = DTYPES
+    @property
+    def compact(self) -> bool:
+        """Whether sample draws are stored as distinct ids + counts (format 2, `sample`)."""
+        return self.format_version >= 2 and self.method == "sample"
+
+    @property
+    def ARRAYS(self) -> tuple[str, ...]:  # type: ignore[override]  # noqa: N802
+        if not self.compact:
+            return ARRAYS
+        return tuple(a for a in SAMPLE_ARRAYS_V2 if self.logprobs or a not in ("logprobs", "tail"))
+
+    @property
+    def DTYPES(self) -> dict[str, str]:  # type: ignore[override]  # noqa: N802
+        kinds = {
+            "input_ids": self.input_dtype,
+            "ids": self.id_dtype,
+            "id_deltas": self.id_dtype,
+            "extra_draws": count_dtype(self.k),
+            "logprobs": "float16",
+            "tail": "float16",
+            "entropy": "float16",
+        }
+        return {a: kinds[a] for a in self.ARRAYS}
+
     DIMENSIONS = DIMENSIONS
 
     def rows_per_chunk(self) -> int:
@@ -207,10 +280,10 @@ class StoreSpec(ShardedLayout):
     def array_shape(self, split: str, array: str) -> tuple[int, ...]:
         """Shape of `array` in `split`: (N, L) or (N, L, k)."""
         s = self.split(split)
-        return (s.n, s.seq_len, self.k) if array in ("ids", "logprobs") else (s.n, s.seq_len)
+        return (s.n, s.seq_len, self.k) if array in PER_CANDIDATE else (s.n, s.seq_len)
 
     def compressors(self, array: str, attrs: dict[str, Any]) -> list[Any]:
-        return _compressors(DTYPES[array], attrs["method"])
+        return _compressors(self.DTYPES[array], self.method, self.compact, array)
 
     def check_attrs(self, attrs: dict[str, Any]) -> None:
         _check_attrs(self, attrs)
@@ -226,8 +299,18 @@ class StoreSpec(ShardedLayout):
                 SplitSpec(name, int(v["n"]), int(v["seq_len"]))
                 for name, v in attrs["splits"].items()
             )
+            version = int(attrs.get("format_version", FORMAT_VERSION))
+            dtypes = attrs.get("dtypes", DTYPES) if version >= 2 else DTYPES
             return cls(
-                splits, int(attrs["k"]), int(attrs["chunk_sequences"]), int(attrs["shard_chunks"])
+                splits,
+                int(attrs["k"]),
+                int(attrs["chunk_sequences"]),
+                int(attrs["shard_chunks"]),
+                method=attrs.get("method"),
+                format_version=version,
+                id_dtype=dtypes["ids"] if "ids" in dtypes else dtypes["id_deltas"],
+                input_dtype=dtypes["input_ids"],
+                logprobs="logprobs" in dtypes,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"store attributes do not describe a valid layout: {e!r}") from e
@@ -252,12 +335,14 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def _compressors(dtype: str, method: str) -> list[Any]:
-    """Lossless compressor per dtype and method, chosen by measurement (module docstring)."""
-    if dtype == "float16" or method == "topk":
+def _compressors(dtype: str, method: str, compact: bool = False, array: str = "") -> list[Any]:
+    """Lossless compressor per array, dtype and method, chosen by measurement (module
+    docstring): byte-shuffled blosc-zstd for floats, top-k ids and the gaps of a format-2
+    sample store; plain zstd for repeating integers (format-1 draws, counts, input ids)."""
+    if dtype == "float16" or method == "topk" or array == "id_deltas":
         size = np.dtype(dtype).itemsize
         return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=size)]
-    return [ZstdCodec(level=9)]
+    return [ZstdCodec(level=COMPACT_ZSTD_LEVEL if compact else 9)]
 
 
 def _fill_value(dtype: str) -> Any:
@@ -266,6 +351,11 @@ def _fill_value(dtype: str) -> Any:
     if dtype.startswith("float"):
         return float("nan")
     return int(np.iinfo(dtype).max) if dtype.startswith("uint") else -1
+
+
+COMPACT_ZSTD_LEVEL = 12
+"""zstd level of a format-2 sample store's `extra_draws` and `input_ids`: 8% smaller counts than
+level 9 on the default run, still ~20 MB/s per core in the writer thread (docs)."""
 
 
 def _check_attrs(spec: StoreSpec, attrs: dict[str, Any]) -> None:
@@ -278,6 +368,11 @@ def _check_attrs(spec: StoreSpec, attrs: dict[str, Any]) -> None:
     if attrs["method"] not in METHODS:
         raise ValueError(
             f"create_store: attrs.method must be one of {METHODS}, got {attrs['method']!r}"
+        )
+    if attrs["method"] != spec.method:
+        raise ValueError(
+            f"create_store: attrs.method {attrs['method']!r} differs from the spec's "
+            f"{spec.method!r}"
         )
     dsplits = attrs["dataset"]["splits"]
     for s in spec.splits:
@@ -293,16 +388,31 @@ def _check_attrs(spec: StoreSpec, attrs: dict[str, Any]) -> None:
 
 def layout_attrs(spec: StoreSpec) -> dict[str, Any]:
     """The attributes `create_store` derives from the spec (everything but the caller's)."""
-    return {
-        "format_version": FORMAT_VERSION,
+    out = {
+        "format_version": spec.format_version,
         "k": spec.k,
         "chunk_sequences": spec.chunk_sequences,
         "shard_chunks": spec.shard_chunks,
-        "dtypes": dict(DTYPES),
+        "dtypes": dict(spec.DTYPES),
         "splits": {s.name: {"n": s.n, "seq_len": s.seq_len} for s in spec.splits},
         "shards": {},
         "complete": False,
         "softlabels_version": __version__,
+    }
+    if spec.format_version >= 2:
+        out["encoding"] = encoding_attrs(spec)
+    return out
+
+
+def encoding_attrs(spec: StoreSpec) -> dict[str, Any]:
+    """The format-2 encoding choices, recorded in the attributes as `encoding` (docs)."""
+    return {
+        "ids": "distinct_deltas_counts" if spec.compact else "topk",
+        "logprobs": spec.logprobs,
+        "id_bits": np.dtype(spec.id_dtype).itemsize * 8,
+        "compressors": {
+            a: [c.to_dict()["name"] for c in spec.compressors(a, {})] for a in spec.ARRAYS
+        },
     }
 
 
@@ -351,11 +461,11 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
     """The store's "softlabels" attributes; StoreError if missing, not a store, or another version."""
     attrs = read_attrs_any_version(path)
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise StoreError(
             f"{path}: format_version {version!r} is not supported (softlabels {__version__} reads "
-            f"format_version {FORMAT_VERSION}); use a matching softlabels release or re-run "
-            "teacher_logits with this one"
+            f"format_version {' and '.join(map(str, READABLE_VERSIONS))}); use a matching "
+            "softlabels release or re-run teacher_logits with this one"
         )
     return attrs
 
@@ -425,10 +535,28 @@ def write_shard(
     ids: np.ndarray,
     logprobs: np.ndarray,
     tail: np.ndarray,
+    entropy: np.ndarray | None = None,
 ) -> dict[str, str]:
-    """Write one whole shard of an LM store's four arrays (see `write_shard_arrays`): input_ids
-    (n, L) int32, ids (n, L, k) int32, logprobs (n, L, k) float16, tail (n, L) float16."""
+    """Write one whole shard of an LM store from what the teacher pass produces, encoded as
+    `spec` says (see `write_shard_arrays`): input_ids (n, L) int, ids (n, L, k) int (top-k ids
+    or raw draws), logprobs (n, L, k) float16, tail (n, L) float16 and, for a format-2 sample
+    store, entropy (n, L) (the teacher's entropy in nats). Encoding to distinct ids + counts and
+    narrowing ids to the spec's dtypes (checked, never wrapped) happen here, in the caller's
+    (writer) thread."""
     data = {"input_ids": input_ids, "ids": ids, "logprobs": logprobs, "tail": tail}
+    if spec.compact:
+        if entropy is None:
+            raise ValueError(f"write_shard({split}, shard {shard}): a sample store needs entropy")
+        data.update(
+            encode_draws(ids, logprobs, ids_as=spec.id_dtype, counts_as=spec.DTYPES["extra_draws"])
+        )
+        data["entropy"] = np.asarray(entropy, np.float16)
+        data = {name: data[name] for name in spec.ARRAYS}
+    elif entropy is not None:
+        raise ValueError(f"write_shard({split}, shard {shard}): this store keeps no entropy")
+    for name, kind in (("input_ids", spec.input_dtype), ("ids", spec.id_dtype)):
+        if name in data and np.issubdtype(data[name].dtype, np.integer):
+            data[name] = narrow(data[name], kind, f"write_shard({split}, shard {shard}): {name}")
     return write_shard_arrays(path, spec, split, shard, data)
 
 
@@ -525,13 +653,15 @@ def finalize_store(
 
 
 def open_split(
-    path: str | Path, split: str, arrays: tuple[str, ...] = ARRAYS
+    path: str | Path, split: str, arrays: tuple[str, ...] | None = None
 ) -> dict[str, zarr.Array]:
-    """The arrays of `split` (the LM store's four by default), opened read-only (index them by
-    whole chunks for speed)."""
+    """The arrays of `split` (by default every array of an LM store, as its format has them),
+    opened read-only (index them by whole chunks for speed)."""
     attrs = read_attrs(path)
     if split not in attrs.get("splits", {}):
         raise StoreError(f"{path}: no split '{split}' (splits: {sorted(attrs.get('splits', {}))})")
+    if arrays is None:
+        arrays = StoreSpec.from_attrs(attrs).ARRAYS
     group = zarr.open_group(Path(path), mode="r")
     return {name: group[f"{split}/{name}"] for name in arrays}
 
@@ -558,6 +688,10 @@ def entries(spec: StoreSpec) -> int:
     return sum(s.n * s.seq_len * spec.k for s in spec.splits)
 
 
-def raw_bytes_per_sequence(seq_len: int, k: int) -> int:
-    """Uncompressed bytes of one sequence over all 4 arrays: L*k*(4+2) + L*(4+2)."""
-    return seq_len * k * 6 + seq_len * 6
+def raw_bytes_per_sequence(spec: StoreSpec, seq_len: int) -> int:
+    """Uncompressed bytes of one sequence over every array of the store (format 1: L*k*(4+2) +
+    L*(4+2))."""
+    return sum(
+        np.dtype(dtype).itemsize * seq_len * (spec.k if name in PER_CANDIDATE else 1)
+        for name, dtype in spec.DTYPES.items()
+    )

@@ -32,16 +32,15 @@ from pipeline.core.provenance import tokenizer_identity
 from pipeline.core.text import printable
 from pipeline.data.tokenized import TokenizedSplit, load_tokenized
 from pipeline.store.format import (
-    ARRAYS,
-    DTYPES,
-    FORMAT_VERSION,
     METHODS,
+    READABLE_VERSIONS,
     REQUIRED_ATTRS,
     StoreSpec,
     iter_chunks,
     read_attrs_any_version,
 )
 from pipeline.store.integrity import checksum_problems, layout_problems
+from pipeline.store.labels import decode_block, real_slots
 
 MASS_TOLERANCE = 0.02
 """Allowed |sum of distinct ids' probabilities + exp(tail) - 1| (float16 rounding is ~1e-3)."""
@@ -93,10 +92,11 @@ def compatibility_problems(
     """Every reason `attrs` (a store's "softlabels" attributes) is unusable by this consumer,
     each as "<what differs>; <what to do>" (the shape `one_line` relies on)."""
     problems = []
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format_version") not in READABLE_VERSIONS:
         problems.append(
             f"format_version differs: store {attrs.get('format_version')!r} vs supported "
-            f"{FORMAT_VERSION}; use a matching softlabels release or re-run teacher_logits"
+            f"{' and '.join(map(str, READABLE_VERSIONS))}; use a matching softlabels release "
+            "or re-run teacher_logits"
         )
     if require_complete and attrs.get("complete") is not True:
         problems.append(
@@ -220,15 +220,16 @@ def _attr_problems(attrs: dict[str, Any]) -> list[str]:
         ]
     if attrs.get("method") not in METHODS:
         problems.append(f"attributes: method {attrs.get('method')!r} is not one of {METHODS}")
-    if attrs.get("dtypes", DTYPES) != DTYPES:
-        problems.append(
-            f"attributes: dtypes {attrs.get('dtypes')} differ from the format's {DTYPES}"
-        )
     if not problems:
         try:
-            StoreSpec.from_attrs(attrs)
+            spec = StoreSpec.from_attrs(attrs)
         except StoreError as e:
-            problems.append(f"attributes: {e}")
+            return [f"attributes: {e}"]
+        if attrs.get("dtypes") != spec.DTYPES:
+            problems.append(
+                f"attributes: dtypes {attrs.get('dtypes')} differ from what format "
+                f"{spec.format_version} implies ({spec.DTYPES})"
+            )
     return problems
 
 
@@ -256,38 +257,64 @@ def _report(out: list[str], mask: np.ndarray, what: str, first: int) -> None:
         )
 
 
-def label_problems(rows: dict[str, np.ndarray], first: int, vocab: int) -> list[str]:
-    """The cheap value checks a reader runs on every chunk it streams (a few ms per chunk):
-    `ids` (n, L, k) inside [0, vocab), `logprobs` (n, L, k) finite and <= 0, `tail` (n, L) not
-    NaN and <= 0. `first` is the chunk's first row, for the messages."""
+def label_problems(rows: dict[str, np.ndarray], first: int, vocab: int, k: int) -> list[str]:
+    """The cheap value checks a reader runs on every chunk it streams (a few ms per chunk), on
+    decoded labels (`pipeline.store.labels.decode_block`): `ids` (n, L, k) inside [0, vocab);
+    where present, `logprobs` (n, L, k) finite and <= 0, `tail` (n, L) not NaN and <= 0,
+    `counts` (n, L, k) summing to k at every position, `entropy` (n, L) finite and >= 0. `first`
+    is the chunk's first row, for the messages."""
     out: list[str] = []
     ids = rows["ids"]
-    lp = rows["logprobs"]  # float16 compares exactly against these bounds
-    tail = rows["tail"]
     _report(
         out, ((ids < 0) | (ids >= vocab)).any(-1), f"positions with ids outside [0, {vocab})", first
     )
-    bad_lp = (~np.isfinite(lp) | (lp > LOGPROB_TOLERANCE)).any(-1)
-    _report(out, bad_lp, "positions with logprobs not finite or > 0", first)
-    _report(out, np.isnan(tail) | (tail > LOGPROB_TOLERANCE), "tail values NaN or > 0", first)
+    if "logprobs" in rows:
+        lp = rows["logprobs"]  # float16 compares exactly against these bounds
+        bad_lp = (~np.isfinite(lp) | (lp > LOGPROB_TOLERANCE)).any(-1)
+        _report(out, bad_lp, "positions with logprobs not finite or > 0", first)
+    if "tail" in rows:
+        tail = rows["tail"]
+        _report(out, np.isnan(tail) | (tail > LOGPROB_TOLERANCE), "tail values NaN or > 0", first)
+    if "counts" in rows:
+        drawn = rows["counts"].sum(-1, dtype=np.int64)  # (n, L)
+        _report(out, drawn != k, f"positions whose counts do not sum to k={k}", first)
+    if "entropy" in rows:
+        h = rows["entropy"]
+        _report(out, ~np.isfinite(h) | (h < -LOGPROB_TOLERANCE), "entropy not finite or < 0", first)
     return out
 
 
 def _chunk_problems(
-    rows: dict[str, np.ndarray], first: int, method: str, vocab: int, tok_vocab: int
+    rows: dict[str, np.ndarray], first: int, method: str, vocab: int, tok_vocab: int, k: int
 ) -> list[str]:
-    """The full value checks on one chunk: `label_problems`, input_ids (n, L) inside the
-    tokenizer, top-k order, and each position's probability mass."""
-    out = label_problems(rows, first, vocab)
-    ids = rows["ids"]
-    lp = rows["logprobs"].astype(np.float32)  # (n, L, k)
-    tail = rows["tail"].astype(np.float32)  # (n, L)
-    _report(
-        out,
-        (rows["input_ids"] < 0) | (rows["input_ids"] >= tok_vocab),
-        f"input_ids outside [0, {tok_vocab})",
-        first,
-    )
+    """The full value checks on one stored chunk: `label_problems`, input_ids (n, L) inside the
+    tokenizer, top-k order, distinct ids ascending with their padding last (format-2 sample),
+    and each position's probability mass where logprobs are kept."""
+    labels = decode_block(rows)
+    out = label_problems(labels, first, vocab, k)
+    ids = labels["ids"]
+    inp = rows["input_ids"].astype(np.int64)
+    _report(out, (inp < 0) | (inp >= tok_vocab), f"input_ids outside [0, {tok_vocab})", first)
+    counts = labels.get("counts")
+    if "id_deltas" in rows:  # format-2 sample: gaps >= 0, padding last and without draws
+        deltas = rows["id_deltas"].astype(np.int64)
+        real = real_slots(rows["id_deltas"])  # (n, L, k)
+        _report(
+            out,
+            (deltas < 0).any(-1) | (~real[..., :-1] & real[..., 1:]).any(-1),
+            "positions whose drawn ids are not distinct and ascending, padding last",
+            first,
+        )
+        _report(
+            out,
+            (~real & (rows["extra_draws"] != 0)).any(-1),
+            "positions with extra_draws on the padding",
+            first,
+        )
+    if "logprobs" not in labels:
+        return out
+    lp = labels["logprobs"].astype(np.float32)  # (n, L, k)
+    tail = labels["tail"].astype(np.float32)  # (n, L)
     if method == "topk":
         _report(
             out,
@@ -296,12 +323,16 @@ def _chunk_problems(
             first,
         )
     # The distinct ids' probabilities plus exp(tail) must sum to 1: count each id once.
-    order = np.argsort(ids, axis=-1, kind="stable")
-    sorted_ids = np.take_along_axis(ids, order, -1)
-    first_seen = np.ones(sorted_ids.shape, bool)
-    first_seen[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    if counts is not None:
+        first_seen, lp_sorted = counts > 0, lp
+    else:
+        order = np.argsort(ids, axis=-1, kind="stable")
+        sorted_ids = np.take_along_axis(ids, order, -1)
+        first_seen = np.ones(sorted_ids.shape, bool)
+        first_seen[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+        lp_sorted = np.take_along_axis(lp, order, -1)
     with np.errstate(invalid="ignore", over="ignore"):
-        mass = (np.exp(np.take_along_axis(lp, order, -1)) * first_seen).sum(-1) + np.exp(tail)
+        mass = (np.exp(lp_sorted) * first_seen).sum(-1) + np.exp(tail)
         _report(
             out,
             ~(np.abs(mass - 1.0) <= MASS_TOLERANCE),
@@ -333,7 +364,7 @@ def _split_problems(
 ) -> list[str]:
     """Stream one split chunk by chunk: values, stored-id fingerprint, rows vs the tokenized set."""
     s = spec.split(split)
-    arrays = {name: group[f"{split}/{name}"] for name in ARRAYS}
+    arrays = {name: group[f"{split}/{name}"] for name in spec.ARRAYS}
     problems: list[str] = []
     recorded = attrs["dataset"]["splits"][split].get("fingerprint")
     if tok is not None:
@@ -367,6 +398,7 @@ def _split_problems(
                         attrs["method"],
                         attrs["teacher"]["vocab_size"],
                         attrs["tokenizer"]["vocab_size"],
+                        spec.k,
                     )
                 ]
                 if tok is not None:
@@ -407,7 +439,7 @@ def verify_store(
     """
     path = Path(path)
     attrs = read_attrs_any_version(path)
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format_version") not in READABLE_VERSIONS:
         return compatibility_problems(attrs, require_complete=False)
     problems = _attr_problems(attrs)
     if problems:

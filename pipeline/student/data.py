@@ -2,7 +2,9 @@
 
 Reading: the unit is a block of `chunk_sequences` consecutive sequences, the store's chunk, so a
 block is one decompression of each Zarr array and never a partial chunk. Token ids come from the
-tokenized dataset (memory-mapped Arrow), soft labels (`ids`, `logprobs`, `tail`) from the store;
+tokenized dataset (memory-mapped Arrow), soft labels from the store, decoded into the form the
+losses take whatever the store's format (`pipeline.store.labels.decode_block`: `ids`, and
+`logprobs`, `tail`, `counts`, `entropy` where the store has them);
 `check_store` has verified beforehand that the store was made from exactly these token ids and
 that every shard file matches its checksum, and each block's values are range-checked as it is
 read (a few ms per block, in the reader thread), so a damaged store stops training with one
@@ -45,10 +47,8 @@ from pipeline.core.errors import InputError, StoreError
 from pipeline.data.tokenized import SPLITS, load_tokenized
 from pipeline.store.format import StoreSpec, open_split, read_attrs
 from pipeline.store.integrity import DAMAGED_ADVICE, check_integrity
+from pipeline.store.labels import decode_block, label_arrays
 from pipeline.store.verify import compatibility_problems, label_problems, refuse
-
-LABELS = ("ids", "logprobs", "tail")
-"""The store arrays a training batch carries besides the token ids."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,9 @@ class SoftLabelStream(IterableDataset):
     """An endless stream of training batches in `BlockOrder` order (module docstring).
 
     Each item is a dict of tensors for one batch: `input_ids` (B, L) int32 and, when `store`
-    is given, `ids` (B, L, k) int32, `logprobs` (B, L, k) float16, `tail` (B, L) float16.
+    is given, the decoded labels (`decode_block`): `ids` (B, L, k) int32, and as the store has
+    them `logprobs` (B, L, k) float16, `tail` (B, L) float16, `counts` (B, L, k) uint8,
+    `entropy` (B, L) float16.
     Use it with `DataLoader(stream, batch_size=None, num_workers=W)` and the same W as
     `num_workers`. Paths, not open files, are held, so it pickles cheaply into worker processes.
     """
@@ -209,26 +211,28 @@ class SoftLabelStream(IterableDataset):
         if self._arrays is None:
             attrs = read_attrs(self.store)
             self._vocab = int(attrs["teacher"]["vocab_size"])
+            self._k = int(attrs["k"])
             self._shard_rows = int(attrs["chunk_sequences"]) * int(attrs["shard_chunks"])
-            arrays = open_split(self.store, self.split)
-            self._arrays = {name: arrays[name] for name in LABELS}
+            self._arrays = open_split(self.store, self.split, label_arrays(attrs))
         return self._arrays
 
     def read_labels(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Soft labels of rows [start, stop) (one chunk): ids (n, L, k), logprobs (n, L, k),
-        tail (n, L), after the cheap value checks (`label_problems`). A chunk that cannot be
+        """Soft labels of rows [start, stop) (one chunk), decoded (`decode_block`), after the
+        cheap value checks (`label_problems`). A chunk that cannot be
         decoded or holds impossible values is a StoreError naming the shard and what to do,
         not a decoder traceback or NaN losses."""
         arrays = self._labels()
         shard = start // self._shard_rows
         where = f"{self.store}: {self.split} shard {shard} (rows {start}:{stop})"
         try:
-            block = {name: np.asarray(arr[start:stop]) for name, arr in arrays.items()}
+            block = decode_block(
+                {name: np.asarray(arr[start:stop]) for name, arr in arrays.items()}
+            )
         except (ValueError, RuntimeError, OSError, zarr.errors.BaseZarrError) as e:
             raise StoreError(
                 f"{where}: cannot be decoded ({type(e).__name__}: {e}); {DAMAGED_ADVICE}"
             ) from e
-        problems = label_problems(block, start, self._vocab)
+        problems = label_problems(block, start, self._vocab, self._k)
         if problems:
             raise StoreError(f"{where}: {'; '.join(problems)}; {DAMAGED_ADVICE}")
         return block
@@ -240,7 +244,7 @@ class SoftLabelStream(IterableDataset):
         data = {"input_ids": np.ascontiguousarray(self._tokens()[rows])}  # (n, L)
         if self.store is not None:
             parts = [self.read_labels(a, b) for a, b in ranges]
-            for name in LABELS:
+            for name in parts[0]:
                 data[name] = np.concatenate([p[name] for p in parts])  # (n, L[, k])
         return rows, data
 

@@ -20,7 +20,10 @@ estimators follow from the two ways the ids were chosen (`method`):
   mean teacher log-probability (a constant for the student, an unbiased estimate of -H(p)):
       L = (1/k) sum_j [log p(x_j) - log q(x_j)],
   whose expectation over the draws is KL(p || q) and whose gradient is, in expectation, the
-  full-KD gradient (Anshumann et al. 2025). Only forward KL has such an estimator.
+  full-KD gradient (Anshumann et al. 2025). Only forward KL has such an estimator. A format-2
+  store keeps the same draws as distinct ids with counts c_i and the teacher's entropy H(p),
+  often without logprobs: L = -H(p) - sum_i (c_i/k) log q(i), the same gradient, with the
+  exact constant in place of its estimate (`sampled_kd`'s `counts` and `entropy`).
 
 Temperature T (the T^2 factor is applied by `distillation_loss`). On a partition, T tempers the
 coarsened distributions: log P_T(c) = log P(c)/T - logsumexp(log P/T), and the same for Q.
@@ -38,7 +41,6 @@ bfloat16; all arithmetic is float32.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -163,46 +165,63 @@ def partition_kd(
 def sampled_kd(
     student_logits: Tensor,
     ids: Tensor,
-    logprobs: Tensor,
+    logprobs: Tensor | None,
     *,
+    counts: Tensor | None = None,
+    entropy: Tensor | None = None,
     temperature: float = 1.0,
     weights: str = "empirical",
     lse: Tensor | None = None,
 ) -> Tensor:
     """Per-position estimate of KL(p || q) from k teacher draws (module docstring).
 
-    student_logits (..., V); ids (..., k) draws with replacement; logprobs (..., k) the
-    teacher's log p(x_j) at T = 1. `lse` = logsumexp(student_logits / T, -1) if already known.
-    `weights`: `empirical`, (1/k) sum_j [log p(x_j) - log q(x_j)]; or `inclusion`, the
-    Horvitz-Thompson sum over the distinct drawn ids i of p(i)/pi(i) [log p(i) - log q(i)],
-    pi(i) = 1 - (1 - p(i))^k. Both are unbiased at T = 1. Returns (...,) float32.
+    student_logits (..., V); ids (..., m) the draws; logprobs (..., m) the teacher's log p at
+    T = 1, or None when the store keeps none. `counts` (..., m) says how often each entry was
+    drawn (a format-2 store's distinct ids; 0 = padding); None weighs every entry once (raw
+    draws, m = k). `entropy` (...,) is the teacher's H(p) at T = 1, used in place of the draws'
+    mean -log p when `logprobs` is None (same gradient, exact constant). `lse` =
+    logsumexp(student_logits / T, -1) if already known. `weights`: `empirical`, (1/k) sum_j
+    [log p(x_j) - log q(x_j)]; or `inclusion`, the Horvitz-Thompson sum over the distinct drawn
+    ids i of p(i)/pi(i) [log p(i) - log q(i)], pi(i) = 1 - (1 - p(i))^k. Both are unbiased at
+    T = 1. T != 1 and `inclusion` need `logprobs` (ValueError otherwise). Returns (...,) float32.
     """
     check_options(loss="kl", tail="bucket", method="sample", temperature=temperature)
     if weights not in SAMPLE_WEIGHTS:
         raise ValueError(f"unknown sample weights {weights!r} (known: {', '.join(SAMPLE_WEIGHTS)})")
+    if logprobs is None and (temperature != 1.0 or weights != "empirical" or entropy is None):
+        raise ValueError(
+            "this sample store keeps no logprobs, so only temperature 1 with empirical weights "
+            "(and the store's entropy) is possible; set train_student.temperature: 1 and "
+            "sample_weights: empirical, or re-run teacher_logits with sample_logprobs: true"
+        )
     z = student_logits.float()
     if temperature != 1.0:
         z = z / temperature
     if lse is None:
         lse = torch.logsumexp(z, dim=-1)  # (...,)
-    lq = z.gather(-1, ids.long()) - lse.unsqueeze(-1)  # (..., k) log q_T(x_j)
-    lp = logprobs.float()  # (..., k) log p(x_j), T = 1
-    k = ids.shape[-1]
+    lq = z.gather(-1, ids.long()) - lse.unsqueeze(-1)  # (..., m) log q_T(x_j)
+    c = torch.ones_like(lq) if counts is None else counts.float()  # (..., m) draws per entry
+    k = c.sum(-1, keepdim=True)  # (..., 1) draws per position
+    if logprobs is None:  # T = 1, empirical: -H(p) - (1/k) sum_i c_i log q(i)
+        assert entropy is not None
+        return -entropy.float() - (c * lq).sum(-1) / k.squeeze(-1)
+    lp = logprobs.float()  # (..., m) log p(x_j), T = 1
     if weights == "empirical":
         if temperature == 1.0:
-            return (lp - lq).mean(-1)
-        log_w = lp * (1.0 / temperature - 1.0)  # (..., k) toward p_T ~ p^(1/T), times 1/p
-        log_z = torch.logsumexp(log_w, dim=-1, keepdim=True) - math.log(k)  # est. log Z_T
+            return (c * (lp - lq)).sum(-1) / k.squeeze(-1)
+        log_c = torch.where(c > 0, c.clamp(min=1).log(), _NEG_INF)  # (..., m)
+        log_w = log_c + lp * (1.0 / temperature - 1.0)  # toward p_T ~ p^(1/T), times 1/p
+        log_z = torch.logsumexp(log_w, dim=-1, keepdim=True) - k.log()  # est. log Z_T
     else:
-        first = distinct_mask(ids)  # (..., k)
+        first = distinct_mask(ids) & (c > 0)  # (..., m)
         log_1mp = _log1mexp(lp.clamp(max=_EDGE))  # log(1 - p)
-        log_pi = _log1mexp(k * log_1mp)  # (..., k) log P(id drawn at least once)
+        log_pi = _log1mexp(k * log_1mp)  # (..., m) log P(id drawn at least once)
         log_w = torch.where(first, lp / temperature - log_pi, _NEG_INF)  # p_T-ish / pi
         if temperature == 1.0:  # unbiased Horvitz-Thompson
-            return (torch.exp(log_w) * (lp - lq)).sum(-1)
+            return torch.where(first, torch.exp(log_w) * (lp - lq), 0.0).sum(-1)
         log_z = torch.logsumexp(log_w, dim=-1, keepdim=True)  # HT estimate of log Z_T
     # T != 1: self-normalised weights (consistent, not unbiased); log p_T = log p / T - log Z_T.
-    w = torch.softmax(log_w, dim=-1)  # (..., k)
+    w = torch.softmax(log_w, dim=-1)  # (..., m)
     return (w * (lp / temperature - log_z - lq)).sum(-1)
 
 
@@ -266,13 +285,17 @@ def distillation_loss(
     ids: Tensor | None = None,
     logprobs: Tensor | None = None,
     tail_logmass: Tensor | None = None,
+    counts: Tensor | None = None,
+    entropy: Tensor | None = None,
     teacher_logits: Tensor | None = None,
 ) -> LossParts:
     """Mix KD and hard-label CE: alpha * T^2 * KD + (1 - alpha) * CE, averaged over positions.
 
     student_logits (B, T, V) predict targets (B, T). The teacher is either a store's labels at
-    the same positions (`method`, ids (B, T, k), logprobs (B, T, k), tail_logmass (B, T)) or
-    live `teacher_logits` (B, T, V). With alpha = 0 no teacher input is needed.
+    the same positions (`method`, ids (B, T, k), logprobs (B, T, k) or None, tail_logmass
+    (B, T), and for a format-2 sample store counts (B, T, k) and entropy (B, T); see
+    `pipeline.store.labels.decode_block`) or live `teacher_logits` (B, T, V). With alpha = 0 no
+    teacher input is needed.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -284,11 +307,13 @@ def distillation_loss(
     elif teacher_logits is not None:
         kd = full_kd(z, teacher_logits, loss=loss, temperature=temperature).mean()
     elif method == "sample":
-        assert ids is not None and logprobs is not None
+        assert ids is not None
         kd = sampled_kd(
             z,
             ids,
             logprobs,
+            counts=counts,
+            entropy=entropy,
             temperature=temperature,
             weights=sample_weights,
             lse=lse if temperature == 1.0 else None,

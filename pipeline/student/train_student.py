@@ -49,6 +49,7 @@ from pipeline.data.tokenized import load_tokenized
 from pipeline.modeling.llama import check_llama_sizes, llama_config
 from pipeline.modeling.optim import check_optimizer_params
 from pipeline.store.format import read_attrs
+from pipeline.store.labels import has_logprobs
 from pipeline.store.verify import abbreviate, content_sha256
 from pipeline.student import checkpoint as ckpt
 from pipeline.student import model as sm
@@ -360,6 +361,18 @@ def _store_source(cfg: TrainStudentConfig, *, logits: Path, tokenized: Path, tok
             f"student puts mass, but {logits} is a 'sample' store (draws only); use loss: "
             "kl, or a topk store"
         )
+    if method == "sample" and not has_logprobs(attrs):
+        for key, value, ok in (
+            ("temperature", cfg.temperature, 1.0),
+            ("sample_weights", cfg.sample_weights, "empirical"),
+        ):
+            if value != ok:
+                raise ConfigError(
+                    f"train_student.{key}: {value!r} needs the teacher's log-probabilities, "
+                    f"but {logits} keeps ids and counts only (written with "
+                    f"teacher_logits.sample_logprobs: false); use {key}: {ok!r}, or re-run "
+                    "teacher_logits with sample_logprobs: true"
+                )
     record = {
         "source": "store",
         "store": str(logits),
@@ -367,6 +380,7 @@ def _store_source(cfg: TrainStudentConfig, *, logits: Path, tokenized: Path, tok
         "teacher": {k: attrs["teacher"].get(k) for k in ("name", "revision", "sha256")},
         "method": method,
         "k": attrs["k"],
+        "format_version": attrs.get("format_version"),
         "seed": attrs.get("seed"),
         "temperature": attrs.get("temperature"),
         "dataset": attrs["dataset"],

@@ -25,6 +25,15 @@ import torch
 from pipeline.modeling.optim import adamw_with_schedule
 from pipeline.student.losses import distillation_loss, target_nll
 
+LOSS_ARGS = {
+    "ids": "ids",
+    "counts": "counts",
+    "logprobs": "logprobs",
+    "tail": "tail_logmass",
+    "entropy": "entropy",
+}
+"""Decoded store label (`pipeline.store.labels.decode_block`) -> `distillation_loss` argument."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class LossSettings:
@@ -94,12 +103,10 @@ class StudentTrainer:
             with torch.no_grad(), self.autocast():
                 kw["teacher_logits"] = self.teacher(input_ids=inp).logits[:, :-1]  # (B, L-1, V)
         elif s.alpha > 0:
-            kw = {
-                "method": s.method,
-                "ids": batch["ids"].to(self.device, non_blocking=nb)[:, :-1],  # (B, L-1, k)
-                "logprobs": batch["logprobs"].to(self.device, non_blocking=nb)[:, :-1],
-                "tail_logmass": batch["tail"].to(self.device, non_blocking=nb)[:, :-1],  # (B, L-1)
-            }
+            kw = {"method": s.method}  # labels at positions 0..L-2, as decode_block gives them
+            for name, arg in LOSS_ARGS.items():  # ids, counts, logprobs (B, L-1, k); tail (B, L-1)
+                if name in batch:
+                    kw[arg] = batch[name].to(self.device, non_blocking=nb)[:, :-1]
         with self.autocast():
             logits = self.model(input_ids=inp).logits[:, :-1]  # (B, L-1, V)
         parts = distillation_loss(
