@@ -83,8 +83,9 @@ class TeacherLogitsConfig:
     sample_logprobs: bool = False
     """Keep the teacher's log-probability of each drawn id (and the `tail` mass) in a sample
     store: needed for a student temperature != 1, `sample_weights: inclusion` and the store's
-    mass checks; about +32 B per position at k = 32 (the store doubles). Off, the store keeps ids, counts and the
-    teacher's entropy, all that sampled KD at T = 1 needs. topk stores always keep them."""
+    mass checks; about +32 B per position at k = 32 (the store doubles). Off, the store keeps
+    ids, counts and the teacher's entropy, all that sampled KD at T = 1 needs. topk stores
+    always keep them."""
     seed: int = 0
     """Seed of the sampling draws (each shard derives its own stream from it)."""
     batch_size: int = 32
