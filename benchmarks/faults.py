@@ -93,7 +93,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = REPO / "stages"
+STAGES = "pipeline.stages"  # one module per stage: python -m pipeline.stages.<name>
 PY = sys.executable
 LANGS = ("en", "de", "ru", "zh")
 CHILD_ENV = {
@@ -206,9 +206,10 @@ def write_params(path: Path, params: dict) -> Path:
 # -- running ------------------------------------------------------------------------------------
 
 
-def stage(script: str, params: Path, *flags: str, **paths: Any) -> list[str]:
-    """`python stages/<script> --params P --key value ...` (underscores become dashes)."""
-    cmd = [PY, str(STAGES / script), "--params", str(params)]
+def stage(name: str, params: Path, *flags: str, **paths: Any) -> list[str]:
+    """`python -m pipeline.stages.<name> --params P --key value ...` (underscores in keys become
+    dashes)."""
+    cmd = [PY, "-m", f"{STAGES}.{name}", "--params", str(params)]
     for key, value in paths.items():
         for v in value if isinstance(value, list) else [value]:
             cmd += [f"--{key.replace('_', '-')}", str(v)]
@@ -413,7 +414,7 @@ def tl_cmd(params: Path, folder: Path, **over: Any) -> list[str]:
         "work_dir": folder / "work",
         **over,
     }
-    return stage("teacher_logits.py", params, **paths)
+    return stage("teacher_logits", params, **paths)
 
 
 def ts_cmd(params: Path, ctx: Ctx, folder: Path, **over: Any) -> list[str]:
@@ -428,7 +429,7 @@ def ts_cmd(params: Path, ctx: Ctx, folder: Path, **over: Any) -> list[str]:
         "live_dir": folder / "dvclive",
         **over,
     }
-    return stage("train_student.py", params, "--no-progress", **paths)
+    return stage("train_student", params, "--no-progress", **paths)
 
 
 def setup(ctx: Ctx, corpus_src: Path, lines: int) -> None:
@@ -440,7 +441,7 @@ def setup(ctx: Ctx, corpus_src: Path, lines: int) -> None:
     ran = must(
         run(
             stage(
-                "prepare_teacher.py",
+                "prepare_teacher",
                 params,
                 out=ctx.teacher,
                 metrics=root / "reports" / "teacher.json",
@@ -454,7 +455,7 @@ def setup(ctx: Ctx, corpus_src: Path, lines: int) -> None:
     ran = must(
         run(
             stage(
-                "tokenize_corpus.py",
+                "tokenize_corpus",
                 params,
                 teacher=ctx.teacher,
                 out=ctx.tokenized,
@@ -530,7 +531,7 @@ def setup_fixtures(ctx: Ctx) -> None:
     ran2 = must(
         run(
             stage(
-                "compress.py",
+                "compress",
                 params,
                 student=ctx.student,
                 out=root / "compressed",
@@ -931,7 +932,7 @@ def tokenize_case(ctx: Ctx, d: Path, overrides: dict | None = None, params: Path
     params = params or ctx.params_file(d, overrides)
     outputs = [d / "tokenized", d / "tokenize.json"]
     cmd = stage(
-        "tokenize_corpus.py",
+        "tokenize_corpus",
         params,
         teacher=teacher or ctx.teacher,
         out=outputs[0],
@@ -1359,7 +1360,7 @@ def _(ctx, d):
 def _(ctx, d):
     params = ctx.params_file(d)
     outs = [d / "compressed", d / "compress.json"]
-    cmd = stage("compress.py", params, student=d / "no-such-student", out=outs[0],
+    cmd = stage("compress", params, student=d / "no-such-student", out=outs[0],
                 metrics=outs[1])  # fmt: skip
     return judge_error("compress_missing_model", run(cmd, ctx.root), outs)
 
@@ -1368,7 +1369,7 @@ def _(ctx, d):
 def _(ctx, d):
     params = ctx.params_file(d)
     outs = [d / "compressed", d / "compress.json"]
-    cmd = stage("compress.py", params, student=ctx.small_store, out=outs[0], metrics=outs[1])
+    cmd = stage("compress", params, student=ctx.small_store, out=outs[0], metrics=outs[1])
     return judge_error("compress_not_a_model", run(cmd, ctx.root), outs)
 
 
@@ -1376,7 +1377,7 @@ def evaluate_case(ctx: Ctx, d: Path, name: str, model: Path) -> Result:
     params = ctx.params_file(d)
     outs = [d / "metrics.json", d / "plots", d / "report"]
     cmd = stage(
-        "evaluate.py",
+        "evaluate",
         params,
         tokenized=ctx.small_tokenized,
         logits=ctx.small_store,
@@ -1457,7 +1458,7 @@ def _(ctx, d):
         "tokenize_disk_full",
         "64k",
         lambda full: stage(
-            "tokenize_corpus.py",
+            "tokenize_corpus",
             params,
             teacher=ctx.teacher,
             out=full / "tokenized",

@@ -14,7 +14,10 @@ Every variant uses the same seed, hence the same initial weights, and the same b
 same order (the stored runs' order comes from the store layout, which is the same for every
 store; the live and CE runs use the same block size). The stores besides the pipeline's own
 (`data/logits/teacher.zarr`, reused when its method, k and seed match) are written once with
-the teacher_logits stage into --work (kept for reruns). Expect ~20 minutes on 2 CPU cores.
+the teacher_logits stage into --work (kept for reruns), sample stores with the params'
+`teacher_logits.sampling` unless `--sampling` says otherwise. Live runs are cached in
+--work/live-runs.json, keyed by everything that decides them (on CPU they are deterministic and
+take 4x a stored run). Expect ~20 minutes on 2 CPU cores.
 
 `--seeds S1 S2 ...` repeats every variant once per student seed (train_student.seed: initial
 weights and data order; the stores stay the pipeline's) and reports the mean over seeds, with
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -46,7 +50,8 @@ from pipeline.core.allocator import keep_freed_memory
 from pipeline.core.config import from_params, load_params
 from pipeline.core.errors import SoftlabelsError
 from pipeline.core.provenance import LM_TEACHER_KEYS, read_provenance
-from pipeline.store.format import FORMAT_VERSION, read_attrs
+from pipeline.data.tokenized import load_tokenized
+from pipeline.store.format import FORMAT_VERSION, SAMPLINGS, read_attrs, sampling_of
 from pipeline.student.train_student import TrainStudentConfig, prepare
 
 TAILS = ("renorm", "bucket", "ignore")
@@ -70,13 +75,15 @@ def store_for(method: str, k: int, params: dict, args: argparse.Namespace) -> Pa
     """A complete store of `method` and `k`: the pipeline's if it matches, else built once."""
     base = from_params(TeacherLogitsConfig, params, "teacher_logits")
     cfg = dataclasses.replace(base, method=method, k=k)
+    if args.sampling is not None:
+        cfg = dataclasses.replace(cfg, sampling=args.sampling)
+    sampling = cfg.sampling if method == "sample" else None
     if args.logits.exists():
         attrs = read_attrs(args.logits)
-        if (attrs["method"], attrs["k"], attrs["seed"]) == (method, k, cfg.seed) and attrs.get(
-            "complete"
-        ):
+        same = (attrs["method"], attrs["k"], attrs["seed"], sampling_of(attrs))
+        if same == (method, k, cfg.seed, sampling) and attrs.get("complete"):
             return args.logits
-    out = args.work / f"{method}-k{k}.zarr"
+    out = args.work / (f"{method}-k{k}" + (f"-{sampling}" if sampling else "") + ".zarr")
     if out.exists() and not current(out, args.teacher):
         shutil.rmtree(out)  # another teacher's, an older format's, or an unfinished store
     if not out.exists():
@@ -91,6 +98,29 @@ def store_for(method: str, k: int, params: dict, args: argparse.Namespace) -> Pa
         )
         print(f"built {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
+
+
+def live_perplexity(cfg: TrainStudentConfig, args: argparse.Namespace, **kw) -> float:
+    """`perplexity` of a live-teacher run, cached in --work: on CPU such a run is a pure
+    function of the config, the teacher and the data (and takes 4x a stored run)."""
+    key = json.dumps(
+        {
+            "config": dataclasses.asdict(cfg),
+            "teacher": read_provenance(args.teacher, LM_TEACHER_KEYS)["sha256"],
+            "data": load_tokenized(args.tokenized, ["train", "validation"]).fingerprints(),
+            "kw": {k: str(v) for k, v in kw.items()},
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    cache = args.work / "live-runs.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if digest not in known:
+        known[digest] = perplexity(cfg, args, **kw)
+        cache.write_text(json.dumps(known, indent=1) + "\n")
+    else:
+        print(f"  ppl {known[digest]:.1f} (cached run {digest} in {cache})", file=sys.stderr)
+    return known[digest]
 
 
 def perplexity(cfg: TrainStudentConfig, args: argparse.Namespace, **kw) -> float:
@@ -132,6 +162,12 @@ def main() -> None:
         "--seeds", type=int, nargs="+", default=None, help="student seeds (default: params')"
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default=None,
+        help="placement of a sample store's draws (default: params' teacher_logits.sampling)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -160,7 +196,9 @@ def main() -> None:
             print(f"seed {seed}: full (teacher live)", file=sys.stderr)
             live = dataclasses.replace(seeded, teacher="live", alpha=1.0)
             runs.setdefault("full", []).append(
-                perplexity(live, args, logits=None, teacher=args.teacher, chunk_sequences=block)
+                live_perplexity(
+                    live, args, logits=None, teacher=args.teacher, chunk_sequences=block
+                )
             )
         for k in args.sample_k if "sample" in wanted else []:
             print(f"seed {seed}: sample k={k}", file=sys.stderr)

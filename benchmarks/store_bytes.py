@@ -15,7 +15,8 @@ allows); each store is then measured on disk, whole (every array, every zarr.jso
   vocabulary size: per position 64 distinct candidate ids from a Zipf(1.1) unigram over V,
   with logits `sharpness * sorted Gumbel noise`, sharpness ~ U(0.5, 4), a head mass ~
   Beta(8, 2), the rest spread over the whole vocabulary by the unigram; draws, their exact
-  log-probabilities and the exact entropy follow from that mixture.
+  log-probabilities and the exact entropy follow from that mixture. The k draws are placed on
+  the mixture's CDF as `teacher_logits.sampling` says (systematic by default), like the stage's.
 
 Also reported, on the line before the last: `format2_logprobs`, format 2 with
 `sample_logprobs: true` (what keeping the log-probabilities costs), and whether the aims hold
@@ -49,8 +50,11 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def synthetic_outputs(vocab: int, n: int, seq_len: int, k: int, seed: int) -> dict[str, np.ndarray]:
-    """The synthetic teacher's draws (n, L, k), logprobs, tail and entropy (module docstring)."""
+def synthetic_outputs(
+    vocab: int, n: int, seq_len: int, k: int, seed: int, sampling: str = "systematic"
+) -> dict[str, np.ndarray]:
+    """The synthetic teacher's draws (n, L, k), logprobs, tail and entropy (module docstring),
+    placed on its CDF (the head block, then the unigram) as `sampling` says."""
     rng = np.random.default_rng([seed, vocab])
     p_count = n * seq_len
     unigram = 1.0 / np.arange(1, vocab + 1) ** 1.1
@@ -81,12 +85,18 @@ def synthetic_outputs(vocab: int, n: int, seq_len: int, k: int, seed: int) -> di
     u_of = np.empty(vocab)
     u_of[perm] = unigram  # unigram probability by id
     p_head = mass * soft + (1 - mass) * u_of[head]  # (P, 64) exact p of the head ids
-    # Draws: from the head with probability `mass`, else from the unigram.
-    pick_head = rng.random((p_count, k)) < mass
-    which = (
-        (rng.random((p_count, k, 1)) > np.cumsum(soft, 1)[:, None, :]).sum(-1).clip(max=HEAD - 1)
-    )
-    drawn = np.where(pick_head, np.take_along_axis(head, which, 1), from_unigram((p_count, k)))
+    # Draws: points x on [0, 1), k per position (iid, or (u + j) / k); x < mass falls in the
+    # head (by the head's own CDF), the rest in the unigram.
+    if sampling == "systematic":
+        x = (rng.random((p_count, 1)) + np.arange(k)) / k  # (P, k)
+    else:
+        x = rng.random((p_count, k))
+    pick_head = x < mass
+    in_head_x = np.minimum(x / mass, 1 - 1e-12)  # position inside the head block
+    which = (in_head_x[:, :, None] > np.cumsum(soft, 1)[:, None, :]).sum(-1).clip(max=HEAD - 1)
+    in_uni = np.clip((x - mass) / (1 - mass), 0, 1 - 1e-12)  # position inside the unigram
+    uni = perm[np.searchsorted(cdf, in_uni, side="right").clip(max=vocab - 1)]
+    drawn = np.where(pick_head, np.take_along_axis(head, which, 1), uni)
     in_head = drawn[:, :, None] == head[:, None, :]  # (P, k, 64)
     p_drawn = np.where(
         in_head.any(-1), (in_head * p_head[:, None, :]).sum(-1), (1 - mass) * u_of[drawn]
@@ -144,7 +154,7 @@ def default_outputs(params: dict, teacher: Path, tokenized: Path) -> tuple[dict,
         gen = shard_generator(int(cfg["seed"]), "validation", shard)
         for a in range(start, stop, batch):
             b = min(a + batch, stop)
-            u = draw_uniforms(gen, (b - a) * seq_len, k)
+            u = draw_uniforms(gen, (b - a) * seq_len, k, cfg.get("sampling", "iid"))
             labels = kernel(torch.from_numpy(rows[a:b].astype(np.int64)), u)
             out["ids"].append(labels.ids.numpy().astype(np.int32))
             out["logprobs"].append(labels.logprobs.numpy())
@@ -250,7 +260,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="store-bytes-") as tmp:
         sources["default"] = measure(data, vocab, tok_vocab, chunks, shard_chunks, Path(tmp))
         for v in SYNTHETIC_VOCABS:
-            data = synthetic_outputs(v, args.sequences, 128, k, seed=int(cfg["seed"]))
+            data = synthetic_outputs(
+                v,
+                args.sequences,
+                128,
+                k,
+                seed=int(cfg["seed"]),
+                sampling=cfg.get("sampling", "iid"),
+            )
             sources[str(v)] = measure(data, v, v, chunks, shard_chunks, Path(tmp))
     for name, r in sources.items():
         print(

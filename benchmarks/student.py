@@ -63,7 +63,7 @@ def decode_cost(
     format's decoding and the value checks), against the steps over its block x seq_len tokens
     at the in-memory rate."""
     stream = setup.stream()
-    n = len(stream._tokens())
+    n = len(stream.reader.tokens())
     times = []
     for a in range(0, min(n, chunks * block), block):
         t0 = time.perf_counter()

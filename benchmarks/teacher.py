@@ -1,30 +1,45 @@
-"""Benchmark: teacher_logits-stage throughput vs the bare forward pass, side by side in one run.
+"""Benchmark: teacher_logits-stage throughput vs the bare forward pass, on two teachers.
 
-Both sides run the same teacher on the same token rows, in batches of `teacher_logits.batch_size`
-sequences of `tokenize.seq_len` tokens, in this process with torch's default threads:
+Per teacher, side by side in one run, on the same token rows, in the same batches, with the
+same torch threads:
 
 - forward: `model(input_ids).logits` per batch under `torch.inference_mode()`, nothing stored;
 - stage: `run_teacher_logits` end to end through the real driver with the `teacher_logits` params
   (in-process): load the teacher, read and fingerprint the tokenized rows, compute, compress and
   write every shard, record, verify, finalize, write metrics, move the store into place.
 
-`--threads 1` measures per-core efficiency (the stage then computes in one stream, as a Dask
-worker does). The order is forward, stage, forward; the forward throughput is the mean of its two runs, so
+The order is forward, stage, forward; the forward throughput is the mean of its two runs, so
 drift in a shared machine's load affects both sides alike. The number of rows is calibrated so
-that each side takes about `--seconds`. Uses `models/teacher` when prepared (provenance.json
-present), else a randomly initialised Llama of the `teacher` params' architecture (the numbers
-depend on the architecture, not on the weights).
+that each side takes about `--seconds`. The time split is the stage's own ("time split: ..."
+log line, `pipeline.capture.teacher_logits.log_time_split`): backbone, output-head matmul,
+vocabulary-wide passes (normaliser, entropy, sampling search, coverage), encode + write,
+summed over the stage's compute streams.
 
-Last line: {"bench": "teacher", "stage_tokens_per_s": ..., "forward_tokens_per_s": ...,
-"ratio": ..., "bytes_per_entry": ...}
+Teachers (`--teachers`):
+- `builtin`: `models/teacher` when prepared (provenance.json present), else a randomly
+  initialised Llama of the `teacher` params' architecture (1 layer, hidden 256, V = 4,096),
+  batches of `teacher_logits.batch_size`;
+- `wide`: a randomly initialised Llama with a head of real proportions, hidden 1,024, 2 layers,
+  16 heads, SwiGLU 2,816, V = 151,936 (Qwen-family vocabularies): a config, not weights; the
+  numbers depend on the shapes only. Batches of `--wide-batch-size` sequences (both sides).
+
+`--threads 1` measures per-core efficiency; `--device cuda` runs both sides on the GPU (the
+stage with the params' dtype, auto = bf16; the forward in the same dtype) and is refused with
+a message where there is none.
+
+Last line: {"bench": "teacher", "builtin": {"ratio": ..., "stage_tokens_per_s": ...,
+"forward_tokens_per_s": ..., "bytes_per_position": ..., "time_split": {"body": s, "head": s,
+"passes": s, "write": s}}, "wide": {...}}
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,35 +51,38 @@ from pipeline.capture.teacher_logits import TeacherLogitsConfig, run_teacher_log
 from pipeline.core.allocator import keep_freed_memory
 from pipeline.core.config import from_params, load_params
 
+WIDE = {
+    "vocab_size": 151_936,
+    "hidden_size": 1024,
+    "num_layers": 2,
+    "num_heads": 16,
+    "intermediate_size": 2816,
+}
+"""The `wide` teacher: a Qwen-family head (V = 151,936) on a small body."""
 
-def default_teacher(params: dict, scratch: Path) -> Path:
-    """`models/teacher` if prepared, else a random Llama of the configured architecture."""
-    prepared = Path("models/teacher")
-    if (prepared / "provenance.json").is_file():
-        return prepared
+
+def random_teacher(scratch: Path, name: str, arch: dict, seq_len: int) -> Path:
+    """A randomly initialised Llama of `arch`, saved with a stand-in tokenizer and provenance
+    (the stage needs both; the numbers depend on the shapes, not on the weights)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     from pipeline.core.provenance import files_sha256, tokenizer_identity, write_json
     from pipeline.teacher.builtin_teacher import build_model
 
-    t = params["teacher"]
-    vocab = int(t["vocab_size"])
+    vocab = int(arch["vocab_size"])
     model = build_model(
-        vocab_size=vocab,
-        hidden_size=t["hidden_size"],
-        num_layers=t["num_layers"],
-        num_heads=t["num_heads"],
-        intermediate_size=t["intermediate_size"],
-        max_position_embeddings=max(1024, t["seq_len"]),
+        **{k: int(arch[k]) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads")},
+        intermediate_size=int(arch["intermediate_size"]),
+        max_position_embeddings=max(1024, seq_len),
         tie_embeddings=False,
         eos_id=0,
         pad_id=1,
         seed=0,
     )
-    out = scratch / "teacher"
+    out = scratch / name
     model.save_pretrained(out)
-    # a stand-in tokenizer of the same vocabulary size, only for the provenance record
+    del model
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, "t1")),
         eos_token="t0",
@@ -74,7 +92,7 @@ def default_teacher(params: dict, scratch: Path) -> Path:
     write_json(
         out / "provenance.json",
         {
-            "name": "benchmark-random-llama",
+            "name": f"benchmark-random-llama-{name}",
             "revision": "none",
             "sha256": digest,
             "files": files,
@@ -84,6 +102,14 @@ def default_teacher(params: dict, scratch: Path) -> Path:
         },
     )
     return out
+
+
+def builtin_teacher(params: dict, scratch: Path, seq_len: int) -> Path:
+    """`models/teacher` if prepared, else a random Llama of the `teacher` params' shapes."""
+    prepared = Path("models/teacher")
+    if (prepared / "provenance.json").is_file():
+        return prepared
+    return random_teacher(scratch, "builtin", params["teacher"], seq_len)
 
 
 def write_rows(path: Path, train: np.ndarray, validation: np.ndarray) -> None:
@@ -99,23 +125,108 @@ def write_rows(path: Path, train: np.ndarray, validation: np.ndarray) -> None:
 
 
 def forward_seconds(model: torch.nn.Module, rows: np.ndarray, batch: int) -> float:
+    device = next(model.parameters()).device
     start = time.perf_counter()
     with torch.inference_mode():
         for a in range(0, len(rows), batch):
-            logits = model(torch.from_numpy(rows[a : a + batch].astype(np.int64))).logits
+            inp = torch.from_numpy(rows[a : a + batch].astype(np.int64)).to(device)
+            logits = model(inp).logits
             del logits  # nothing is kept: the bare forward pass
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-class _ComputeLog(logging.Handler):
-    """Picks the driver's 'computed N tokens in S s' line (the compute loop alone)."""
+class _StageLog(logging.Handler):
+    """Picks the driver's compute-loop seconds and its time split from its log lines."""
 
-    seconds: float | None = None
+    compute: float | None = None
+    split: dict[str, float] | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        m = re.match(r"computed \d+ tokens in ([\d.]+) s", record.getMessage())
+        message = record.getMessage()
+        m = re.match(r"computed \d+ tokens in ([\d.]+) s", message)
         if m:
-            self.seconds = float(m.group(1))
+            self.compute = float(m.group(1))
+        if message.startswith("time split: "):
+            self.split = {
+                name: float(sec)
+                for name, sec in re.findall(
+                    r"(\w+) ([\d.]+) s", message.removeprefix("time split: ")
+                )
+            }
+
+
+def measure(
+    name: str,
+    teacher: Path,
+    cfg: TeacherLogitsConfig,
+    seq_len: int,
+    seconds: float,
+    scratch: Path,
+) -> dict:
+    """Forward, stage, forward on the same rows; the teacher's result dict."""
+    from pipeline.capture.shards import load_teacher, torch_dtype
+
+    batch = cfg.batch_size
+    device = "cuda" if cfg.device == "cuda" else "cpu"
+    dtype = "float32" if device == "cpu" else ("bfloat16" if cfg.dtype == "auto" else cfg.dtype)
+    model = load_teacher(teacher, device, dtype)
+    assert next(model.parameters()).dtype == torch_dtype(dtype)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rng = np.random.default_rng(0)
+    probe = rng.integers(0, vocab, (3 * batch, seq_len), dtype=np.int32)
+    forward_seconds(model, probe[:batch], batch)  # warm-up
+    per_batch = forward_seconds(model, probe[batch:], batch) / 2
+    n_batches = max(4, round(seconds / per_batch))
+    rows = rng.integers(0, vocab, (n_batches * batch, seq_len), dtype=np.int32)
+    train, validation = rows[batch:], rows[:batch]
+    work = scratch / f"{name}-run"
+    write_rows(work / "tokenized", train, validation)
+    tokens = rows.size
+    print(
+        f"[{name}] teacher {teacher} (vocab {vocab}), {n_batches} batches of {batch} x "
+        f"{seq_len} tokens = {tokens} tokens; {cfg.method} k={cfg.k}, {device} {dtype}, "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    f1 = forward_seconds(model, np.concatenate([train, validation]), batch)
+    print(f"[{name}] forward #1: {f1:.2f} s ({tokens / f1:.0f} tokens/s)", flush=True)
+    handler = _StageLog()
+    stage_log = logging.getLogger("pipeline.capture.teacher_logits")
+    stage_log.addHandler(handler)
+    stage_log.setLevel(logging.INFO)
+    start = time.perf_counter()
+    try:
+        metrics = run_teacher_logits(
+            cfg,
+            teacher=teacher,
+            tokenized=work / "tokenized",
+            out=work / "out" / "teacher.zarr",
+            metrics=work / "metrics.json",
+            work_dir=work / "work",
+        )
+    finally:
+        stage_log.removeHandler(handler)
+    stage = time.perf_counter() - start
+    print(
+        f"[{name}] stage: {stage:.2f} s end to end ({tokens / stage:.0f} tokens/s); compute "
+        f"loop {handler.compute} s; time split {handler.split}",
+        flush=True,
+    )
+    f2 = forward_seconds(model, np.concatenate([train, validation]), batch)
+    print(f"[{name}] forward #2: {f2:.2f} s ({tokens / f2:.0f} tokens/s)", flush=True)
+    forward_tps = tokens / ((f1 + f2) / 2)
+    stage_tps = tokens / stage
+    return {
+        "ratio": round(stage_tps / forward_tps, 3),
+        "stage_tokens_per_s": round(stage_tps, 1),
+        "forward_tokens_per_s": round(forward_tps, 1),
+        "bytes_per_position": round(metrics["storage"]["bytes_per_token"], 2),
+        "time_split": {k: round(v, 2) for k, v in (handler.split or {}).items()},
+        "batch_size": batch,
+        "tokens": tokens,
+    }
 
 
 def main() -> None:
@@ -124,7 +235,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--seconds", type=float, default=25.0, help="target time per side")
+    parser.add_argument("--seconds", type=float, default=20.0, help="target time per side")
+    parser.add_argument(
+        "--teachers", nargs="+", choices=("builtin", "wide"), default=["builtin", "wide"]
+    )
+    parser.add_argument(
+        "--wide-batch-size", type=int, default=8, help="sequences per batch for `wide`"
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--threads",
         type=int,
@@ -132,71 +250,27 @@ def main() -> None:
         help="torch threads for both sides (default: torch's default, all cores)",
     )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device on this machine; nothing measured", file=sys.stderr)
+        sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
     params = load_params(args.params)
-    cfg = from_params(TeacherLogitsConfig, params, "teacher_logits")
+    base = from_params(TeacherLogitsConfig, params, "teacher_logits")
+    base = dataclasses.replace(base, device=args.device)
     seq_len = int(params.get("tokenize", {}).get("seq_len", 128))
-    batch = cfg.batch_size
+    result: dict = {"bench": "teacher"}
     with tempfile.TemporaryDirectory(prefix="bench-teacher-") as tmp:
         scratch = Path(tmp)
-        teacher = default_teacher(params, scratch)
-        from pipeline.capture.shards import load_teacher
-
-        model = load_teacher(teacher, "cpu", "float32")
-        vocab = model.get_output_embeddings().weight.shape[0]
-        rng = np.random.default_rng(0)
-        probe = rng.integers(0, vocab, (3 * batch, seq_len), dtype=np.int32)
-        forward_seconds(model, probe[:batch], batch)  # warm-up
-        per_batch = forward_seconds(model, probe[batch:], batch) / 2
-        n_batches = max(4, round(args.seconds / per_batch))
-        rows = rng.integers(0, vocab, (n_batches * batch, seq_len), dtype=np.int32)
-        train, validation = rows[batch:], rows[:batch]
-        write_rows(scratch / "tokenized", train, validation)
-        tokens = rows.size
-        print(
-            f"teacher {teacher} (vocab {vocab}), {n_batches} batches of {batch} x {seq_len} "
-            f"tokens = {tokens} tokens; {cfg.method} k={cfg.k}, "
-            f"torch threads {torch.get_num_threads()}",
-            flush=True,
-        )
-
-        f1 = forward_seconds(model, np.concatenate([train, validation]), batch)
-        print(f"forward #1: {f1:.2f} s ({tokens / f1:.0f} tokens/s)", flush=True)
-        handler = _ComputeLog()
-        logging.getLogger("pipeline.capture.teacher_logits").addHandler(handler)
-        logging.getLogger("pipeline.capture.teacher_logits").setLevel(logging.INFO)
-        start = time.perf_counter()
-        metrics = run_teacher_logits(
-            cfg,
-            teacher=teacher,
-            tokenized=scratch / "tokenized",
-            out=scratch / "out" / "teacher.zarr",
-            metrics=scratch / "metrics.json",
-            work_dir=scratch / "work",
-        )
-        stage = time.perf_counter() - start
-        compute = handler.seconds or float("nan")
-        print(
-            f"stage: {stage:.2f} s end to end ({tokens / stage:.0f} tokens/s); compute loop "
-            f"{compute:.2f} s ({tokens / compute:.0f} tokens/s)",
-            flush=True,
-        )
-        f2 = forward_seconds(model, np.concatenate([train, validation]), batch)
-        print(f"forward #2: {f2:.2f} s ({tokens / f2:.0f} tokens/s)", flush=True)
-    forward_tps = tokens / ((f1 + f2) / 2)
-    stage_tps = tokens / stage
-    print(
-        json.dumps(
-            {
-                "bench": "teacher",
-                "stage_tokens_per_s": round(stage_tps, 1),
-                "forward_tokens_per_s": round(forward_tps, 1),
-                "ratio": round(stage_tps / forward_tps, 3),
-                "bytes_per_entry": round(metrics["storage"]["bytes_per_entry"], 3),
-            }
-        )
-    )
+        for name in args.teachers:
+            if name == "builtin":
+                teacher, cfg = builtin_teacher(params, scratch, seq_len), base
+            else:
+                teacher = random_teacher(scratch, "wide", WIDE, seq_len)
+                cfg = dataclasses.replace(base, batch_size=args.wide_batch_size)
+            result[name] = measure(name, teacher, cfg, seq_len, args.seconds, scratch)
+            print(json.dumps({name: result[name]}), flush=True)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,22 @@ command ran and found problems, 2 usage or input errors. `SoftlabelsError` (a pr
 can fix) is caught here and printed as `error: <message>` without a traceback; anything else is a
 bug and keeps its traceback. Text that may hold strings read from an artifact (messages, problem
 lines, `inspect` output) is printed with control characters escaped (`pipeline.core.text`).
+
+Every DVC stage is a command too (`softlabels train-student ...`, one per module of
+`pipeline.stages`, `_` written `-`): its argv is handed unchanged to that module's `main(argv)`,
+so `--help`, usage errors (2) and failures (1) are the stage's own, exactly as under
+`python -m pipeline.stages.<name>` (what dvc.yaml runs). The stage module is imported only when
+its command runs: the other commands stay free of torch's import time.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import importlib.util
 import json
+import pkgutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -175,10 +185,60 @@ def _run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _stage_names() -> list[str]:
+    """The modules of `pipeline.stages` (one per DVC stage), found without importing them."""
+    import pipeline.stages
+
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(pipeline.stages.__path__)
+        if not m.ispkg and not m.name.startswith("_")
+    )
+
+
+def _stage_summary(name: str) -> str:
+    """The first paragraph of a stage module's docstring, on one line, read from its source (not
+    imported: that would import torch)."""
+    spec = importlib.util.find_spec(f"pipeline.stages.{name}")
+    source = Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else ""
+    doc = ast.get_docstring(ast.parse(source)) or f"DVC stage `{name}`"
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def _add_stages(sub: argparse._SubParsersAction) -> None:
+    for name in _stage_names():
+        # No options of its own, not even -h: every argument after the command name, --help
+        # included, goes to the stage (main() collects them with parse_known_args).
+        p = sub.add_parser(
+            name.replace("_", "-"),
+            help=_stage_summary(name).replace("%", "%%"),
+            add_help=False,
+        )
+        p.set_defaults(func=_run_stage, stage=name)
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    """Hand `args.stage_argv` to `pipeline.stages.<stage>.main`; return its exit status."""
+    module = importlib.import_module(f"pipeline.stages.{args.stage}")
+    if args.whole_process:  # as `python -m pipeline.stages.<name>` does in its __main__ block
+        from pipeline.core.allocator import keep_freed_memory
+
+        keep_freed_memory()
+    prog = sys.argv[0] if sys.argv else None
+    sys.argv[:1] = [f"softlabels {args.command}"]  # the stage parser's prog, in its usage lines
+    try:
+        return module.main(args.stage_argv)
+    except SystemExit as e:  # the stage's argparse: --help (0), usage errors (2)
+        return EXIT_OK if e.code is None else e.code if isinstance(e.code, int) else EXIT_USAGE
+    finally:
+        sys.argv[:1] = [] if prog is None else [prog]
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_inspect,
     _add_verify,
     _add_convert,
+    _add_stages,
 ]
 """Subcommand registrars, in the order `--help` lists them. Add new commands here."""
 
@@ -188,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="softlabels",
         description=(
             "Tools for softlabels artifacts (offline teacher soft labels for knowledge "
-            "distillation). The pipeline itself runs with `dvc repro`."
+            "distillation), and the pipeline's stages, one command each (`dvc repro` runs them "
+            "as `python -m pipeline.stages.<name>`)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"softlabels {__version__}")
@@ -199,15 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit status (also for usage errors and --help)."""
+    """Run the command line; return the exit status (also for usage errors and --help). With
+    `argv` None (the console script) it reads sys.argv, and the process is this one command."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # parse_known_args: what follows a stage command is the stage's (in order, `--` kept);
+        # any other command takes no unknown arguments, as with parse_args.
+        args, rest = parser.parse_known_args(argv)
+        if rest and getattr(args, "stage", None) is None:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    args.stage_argv, args.whole_process = rest, argv is None
     try:
         return args.func(args)
     except (SoftlabelsError, OSError) as e:  # OSError: the user's filesystem, or a bug

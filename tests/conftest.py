@@ -7,7 +7,7 @@ back by path, exactly as the stages load real ones.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 from pathlib import Path
 from types import ModuleType
@@ -40,12 +40,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def stage_module(name: str) -> ModuleType:
-    """stages/<name>.py imported in-process: its `main(argv)` runs without an interpreter
-    start-up (a subprocess test is kept for what only a fresh process shows)."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """`pipeline.stages.<name>` imported in-process: its `main(argv)` runs without an
+    interpreter start-up (a subprocess test is kept for what only a fresh process shows)."""
+    return importlib.import_module(f"pipeline.stages.{name}")
 
 
 def write_corpus(root: Path, langs: dict[str, list[str]]) -> Path:

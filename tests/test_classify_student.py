@@ -432,7 +432,7 @@ def stage_argv(env: Path, tmp: Path, params: dict) -> list[str]:
     corpus.update(languages=LANGS, labeled_languages=["en"])
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump({"classify_corpus": corpus, **params}))
-    argv = [sys.executable, str(REPO / "stages/classify_student.py"), "--params", str(path)]
+    argv = [sys.executable, "-m", "pipeline.stages.classify_student", "--params", str(path)]
     for flag, value in paths(env, tmp).items():
         argv += [f"--{flag.replace('_', '-')}", str(value)]
     return argv + ["--no-progress"]

@@ -19,7 +19,7 @@ from pipeline.core.config import from_params
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.provenance import files_sha256, read_provenance
 from pipeline.modeling.optim import adamw_with_schedule
-from stages.classify_teacher import main as stage_main
+from pipeline.stages.classify_teacher import main as stage_main
 from tests.classify_fixtures import corpus_config, make_classifier, write_sib_slice
 from tests.conftest import make_teacher, make_tokenizer
 

@@ -1,4 +1,4 @@
-"""`softlabels inspect` / `softlabels verify`: output and exit statuses (0 OK, 1 problems, 2 errors)."""
+"""The `softlabels` commands: output and exit statuses (0 OK, 1 problems, 2 errors)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from store_fixtures import (
 )
 
 from pipeline.cli import main
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -195,3 +196,45 @@ def test_store_with_an_array_deleted(store, capsys):
         f"error: {store}: array train/tail is missing; the store is damaged (`softlabels verify` "
         "lists what else is wrong)\n"
     )
+
+
+def test_stage_commands_are_listed_without_importing_the_stages():
+    """`softlabels --help` lists one command per stage; building the parser imports no stage
+    module (and so no torch): checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from pipeline.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    assert main(['--help']) == 0\n"
+        "loaded = [m for m in sys.modules if m.startswith('pipeline.stages.') or m == 'torch']\n"
+        "assert not loaded, loaded\n"
+        "print(out.getvalue())\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    for command in ("train-student", "teacher-logits", "tokenize-corpus", "classify-evaluate"):
+        assert f"    {command}" in p.stdout
+    assert "DVC stage `train_student`: logits store + tokenized data" in p.stdout
+
+
+def test_stage_command_forwards_help_to_the_stage(capsys):
+    assert main(["train-student", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: softlabels train-student [-h] [--params PARAMS]")
+    assert "--checkpoints CHECKPOINTS" in out  # the stage's own arguments...
+    assert "train_student.alpha" in out  # ...and its params epilog
+
+
+def test_stage_command_usage_error_is_the_stages(capsys):
+    argv = ["--params", "params.yaml", "--tokenized", "t", "--tokenizer", "tk", "--out", "o"]
+    assert main(["train-student", *argv, "--metrics", "m", "--checkpoints", "c", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "softlabels train-student: error: unrecognized arguments: --bogus" in err
+    assert main(["train-student"]) == 2  # its required arguments are missing
+    assert "the following arguments are required: --tokenized" in capsys.readouterr().err
+    assert main(["inspect", "store", "--bogus"]) == 2  # other commands still refuse extras
+    assert "softlabels: error: unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -373,7 +373,10 @@ def test_params_yaml_section_and_help():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert from_params(CompressConfig, params, "compress") == CompressConfig()
     proc = subprocess.run(
-        [sys.executable, "stages/compress.py", "--help"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "pipeline.stages.compress", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert "compress.prune.amount [default: 0.3]" in proc.stdout
@@ -386,7 +389,8 @@ def test_stage_script(tmp_path, student_dirs, capsys):
     proc = subprocess.run(
         [
             sys.executable,
-            "stages/compress.py",
+            "-m",
+            "pipeline.stages.compress",
             "--params",
             str(params),
             "--student",
@@ -547,7 +551,7 @@ def test_multi_layer_classifier_head(tmp_path, tiny_tokenizer):
 
 
 def test_classify_compress_section(tmp_path, classifier_dir, capsys):
-    """stages/compress.py --section classify_compress reads that section (same keys); errors
+    """pipeline.stages.compress --section classify_compress reads that section (same keys); errors
     name it."""
     from pipeline.core.stage_cli import load_section
 

@@ -3,12 +3,14 @@
 A temp directory holds a DVC remote (a plain folder standing in for shared storage) and these
 git repositories, each a real `git init` + `dvc init`:
 
-- team A: this project's dvc.yaml, stages/, pipeline/ and a 3-language slice of the sample
-  corpus, with tiny params; runs `dvc repro teacher_logits`, `dvc push --run-cache`, commits dvc.lock;
+- team A: this project's dvc.yaml, pipeline/ (the stages' modules in pipeline/stages/ included)
+  and a 3-language slice of the sample corpus, with tiny params; runs `dvc repro teacher_logits`,
+  `dvc push --run-cache`, commits dvc.lock;
 - team B: a fresh `git clone` of A with an empty cache; `dvc repro --pull` trains a student, and
   every later run and param change happens there;
 - team C: another project that `dvc import`s the store, the tokenized data and the tokenizer
-  files from A and trains its own student with its own params;
+  files from A and trains its own student with its own params, with no code of its own: its
+  stage is the installed `softlabels train-student` (examples/student-project);
 - team D: like C but with its own tokenizer, which the student stage must refuse.
 
 Every Python process DVC starts runs with `tests/read_trace/sitecustomize.py`, which records the
@@ -206,7 +208,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         if (REPO / name).exists():
             shutil.copy2(REPO / name, a / name)
-    for folder in ("stages", "pipeline"):  # the stages' code deps
+    for folder in ("pipeline",):  # the stages' code deps (their modules: pipeline/stages/)
         shutil.copytree(REPO / folder, a / folder, ignore=shutil.ignore_patterns("__pycache__"))
     corpus = a / "data" / "corpora" / "sample"
     corpus.mkdir(parents=True)
@@ -373,11 +375,12 @@ DATA_IMPORTS = ["data/logits/teacher.zarr", "data/tokenized"]
 
 def consumer(world, name: str, imports: list[str]) -> Path:
     """A new project made from examples/student-project (its dvc.yaml as written, its params
-    with tiny sizes), the stage script copied in, and `imports` brought in from team A."""
+    with tiny sizes) and `imports` brought in from team A. No code is copied: its stage runs
+    the `softlabels` console script of the installed package (on PATH: `make_env`)."""
+    installed = shutil.which("softlabels", path=world.env["PATH"])
+    assert installed and Path(installed).parent == Path(sys.executable).parent, installed
     repo = world.root / name
     new_repo(repo, world.env)
-    (repo / "stages").mkdir()
-    shutil.copy2(REPO / "stages" / "train_student.py", repo / "stages")
     for f in ("dvc.yaml", "params.yaml"):
         shutil.copy2(EXAMPLE / f, repo / f)
     tiny = {k: v for k, v in TINY["train_student"].items() if k not in ("hidden_size",)}
@@ -414,6 +417,23 @@ def test_team_d_with_another_tokenizer_is_refused(world):
     assert not (d / "models" / "student").exists()
 
 
+def test_the_examples_are_not_stages_of_this_project():
+    """examples/ holds other projects' dvc.yaml files; .dvcignore keeps DVC at the repository
+    root from collecting them, so `dvc status` and `dvc repro` here see this pipeline only."""
+    assert (EXAMPLE / "dvc.yaml").is_file()
+    p = subprocess.run(
+        [sys.executable, "-m", "dvc", "stage", "list", "--all", "--name-only"],
+        cwd=REPO,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    listed = set(p.stdout.split())
+    assert not [name for name in listed if "examples" in name], p.stdout
+    assert listed == set(_stage_commands()), p.stdout
+
+
 # --- dvc.yaml lists exactly what each stage reads --------------------------------------------
 
 
@@ -423,9 +443,16 @@ def _records(trace: Path) -> list[dict]:
     return [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
 
 
+def _stage_module_path(argv: list[str]) -> str:
+    """The repo-relative source of the module a stage command runs: `python -m
+    pipeline.stages.x ...` -> pipeline/stages/x.py."""
+    assert argv[:2] == ["python", "-m"] and argv[2].startswith("pipeline.stages."), argv
+    return argv[2].replace(".", "/") + ".py"
+
+
 def _stage_commands() -> dict[str, tuple[str, ...]]:
-    """{stage (a foreach entry as name@key): its command line after `python`}, from the
-    project's dvc.yaml and params.yaml (a script may serve several stages, as compress does)."""
+    """{stage (a foreach entry as name@key): (its module's source, its arguments)}, from the
+    project's dvc.yaml and params.yaml (a module may serve several stages, as compress does)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     out: dict[str, tuple[str, ...]] = {}
@@ -433,17 +460,18 @@ def _stage_commands() -> dict[str, tuple[str, ...]]:
         body = stage.get("do", stage)
         if "foreach" in stage:
             for key in params[stage["foreach"].strip("${}")]:
-                cmd = body["cmd"].replace("${key}", key)
-                out[f"{name}@{key}"] = tuple(shlex.split(cmd)[1:])
+                argv = shlex.split(body["cmd"].replace("${key}", key))
+                out[f"{name}@{key}"] = (_stage_module_path(argv), *argv[3:])
         else:
-            out[name] = tuple(shlex.split(body["cmd"])[1:])
+            argv = shlex.split(body["cmd"])
+            out[name] = (_stage_module_path(argv), *argv[3:])
     return out
 
 
 def _stage_of(record: dict) -> str:
-    argv = record["argv"]
+    argv = record["argv"]  # under `python -m`, argv[0] is the module's source path
     for name, cmd in _stage_commands().items():
-        if Path(argv[0]).name == Path(cmd[0]).name and tuple(argv[1:]) == cmd[1:]:
+        if Path(argv[0]).as_posix().endswith("/" + cmd[0]) and tuple(argv[1:]) == cmd[1:]:
             return name
     raise AssertionError(f"no dvc.yaml stage runs {argv}")
 
@@ -490,8 +518,8 @@ def test_dvc_yaml_lists_exactly_what_each_stage_reads(world, team_b, team_b_full
     problems = []
     for stage, opened in sorted(reads.items()):
         deps = [d["path"] for d in lock[stage]["deps"]]
-        script = _stage_commands()[stage][0]
-        opened.add(script)  # read by the interpreter itself, before any audit hook exists
+        module = _stage_commands()[stage][0]
+        opened.add(module)  # the stage's own module, which runpy may load from its .pyc
         unlisted = sorted(p for p in opened if not any(_under(p, d) for d in deps))
         unread = sorted(d for d in deps if not any(_under(p, d) for p in opened))
         if unlisted:
@@ -502,7 +530,7 @@ def test_dvc_yaml_lists_exactly_what_each_stage_reads(world, team_b, team_b_full
 
 
 def test_dvc_yaml_lists_exactly_the_params_each_stage_reads(monkeypatch):
-    """Each stage script is called as dvc.yaml calls it, with its work replaced by a stub: the
+    """Each stage module is called as dvc.yaml calls it, with its work replaced by a stub: the
     params sections it loads must be the ones its dvc.yaml entry lists, and vice versa. (A
     section is read whole: `from_params` rejects keys its config does not have.)"""
     import importlib.util
@@ -526,7 +554,8 @@ def test_dvc_yaml_lists_exactly_the_params_each_stage_reads(monkeypatch):
                 _loaded.update(filter(None, (section, overrides)))
                 return stage_cli.load_section(path, cls, section, overrides)
 
-            mod_spec = importlib.util.spec_from_file_location(f"_stage_{name}", REPO / argv[1])
+            path = REPO / _stage_module_path(argv)  # a fresh copy: its stubs stay in it
+            mod_spec = importlib.util.spec_from_file_location(f"_stage_{name}", path)
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)
             for attr, value in list(vars(module).items()):
@@ -536,7 +565,7 @@ def test_dvc_yaml_lists_exactly_the_params_each_stage_reads(monkeypatch):
                     stub = {"metrics": {}, "provenance": {"name": "stub"}}
                     monkeypatch.setattr(module, attr, lambda *a, _s=stub, **k: _s)
             monkeypatch.setattr(module, "load_section", record)
-            assert module.main(argv[2:]) == 0
+            assert module.main(argv[3:]) == 0
             assert loaded == listed, (
                 f"{full}: reads params {sorted(loaded)}, lists {sorted(listed)}"
             )

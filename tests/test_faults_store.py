@@ -22,7 +22,6 @@ import yaml
 from pipeline.core.errors import StoreError
 from pipeline.store.format import SplitSpec, shard_files, write_shard
 from pipeline.student.train_student import TrainStudentConfig, run_train_student
-from tests.conftest import REPO
 from tests.store_fixtures import (
     SPEC,
     build_store,
@@ -199,7 +198,7 @@ def test_the_stage_script_refuses_a_damaged_store_in_one_line(env, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train_student": TINY}))
     p = paths(env, tmp_path, store)
-    argv = [sys.executable, str(REPO / "stages/train_student.py"), "--params", str(params)]
+    argv = [sys.executable, "-m", "pipeline.stages.train_student", "--params", str(params)]
     for flag in ("tokenized", "logits", "tokenizer", "out", "metrics", "checkpoints"):
         argv += [f"--{flag}", str(p[flag])]
     run = subprocess.run(argv + ["--no-progress"], capture_output=True, text=True, cwd=tmp_path)

@@ -247,3 +247,28 @@ def test_alpha_outside_unit_interval_is_refused():
     z = logits(14)
     with pytest.raises(ValueError, match=r"^alpha must be in \[0, 1\], got 1.5$"):
         distillation_loss(z, z.argmax(-1), alpha=1.5)
+
+
+@pytest.mark.parametrize("weights", ["empirical", "inclusion"])
+def test_sampled_kd_is_unbiased_under_systematic_sampling(weights: str) -> None:
+    """Mean over many systematic draws of the sampled estimate equals the full KL (both
+    estimators; inclusion uses pi = min(1, k p))."""
+    torch.manual_seed(0)
+    V, k, n = 30, 8, 20000
+    teacher = torch.randn(1, V) * 2
+    student = torch.randn(1, V)
+    lp = torch.log_softmax(teacher.double(), -1)  # (1, V)
+    cdf = lp.exp().cumsum(-1)
+    u = (torch.rand(n, 1, dtype=torch.float64) + torch.arange(k)) / k  # (n, k) systematic
+    ids = torch.searchsorted(cdf.expand(n, V).contiguous(), u, right=True).clamp(max=V - 1)
+    est = sampled_kd(
+        student.expand(n, V),
+        ids,
+        lp[0][ids].float(),
+        weights=weights,
+        sampling="systematic",
+    )
+    exact = full_kd(student, teacher)[0]
+    assert float(est.mean()) == pytest.approx(
+        float(exact), abs=4 * float(est.std()) / n**0.5 + 1e-4
+    )

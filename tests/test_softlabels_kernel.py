@@ -135,6 +135,55 @@ def test_sampled_frequencies_match_teacher_probabilities() -> None:
     torch.testing.assert_close(out.tail.double(), torch.log1p(-covered), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("method", ["sample", "topk"])
+def test_row_groups_of_the_passes_give_the_same_bits(method: str) -> None:
+    """The passes run on cache-sized row groups: any grouping (a lone last row included)
+    stores exactly the bytes of one pass over the whole slice."""
+    vocab, rows, k = 40_000, 9, 8
+    model = tiny_llama(vocab, head_scale=30.0)
+    h = torch.randn(rows, 16, generator=torch.Generator().manual_seed(1))
+    u = draw_uniforms(shard_generator(0, "train", 0), rows, k, "systematic")
+    u = u if method == "sample" else None
+    outs = []
+    for group in (rows, 2, 4, 3):
+        kernel = SoftLabelKernel(model, method=method, k=k, head_chunk_tokens=rows)
+        kernel.group = group
+        outs.append(kernel.from_hidden(h, u))
+    for out in outs[1:]:
+        for name in ("ids", "logprobs", "tail", "covered", "entropy", "top1"):
+            assert torch.equal(getattr(out, name), getattr(outs[0], name)), name
+
+
+def test_systematic_draws_are_unbiased_and_stay_within_one_of_k_p() -> None:
+    """Systematic sampling: each id's count is floor(k p) or ceil(k p) in every row, its mean
+    over rows is k p (unbiased), ids with k p >= 1 are always drawn; iid counts spread wider."""
+    vocab, n_rows, k = 200, 4000, 16
+    model = tiny_llama(vocab, head_scale=60.0)
+    kernel = SoftLabelKernel(model, method="sample", k=k, head_chunk_tokens=512)
+    h = torch.randn(1, 16, generator=torch.Generator().manual_seed(3)).expand(n_rows, 16)
+    with torch.inference_mode():
+        p = torch.softmax(model.lm_head(h[:1]).double(), -1)[0].numpy()  # (V,)
+    spread = {}
+    for sampling in ("systematic", "iid"):
+        u = draw_uniforms(shard_generator(7, "train", 0), n_rows, k, sampling)
+        ids = kernel.from_hidden(h.contiguous(), u).ids.long()  # (n_rows, k)
+        counts = torch.zeros(n_rows, vocab).scatter_add_(
+            -1, ids, torch.ones_like(ids, dtype=torch.float32)
+        )
+        dev = counts.numpy() - k * p[None]  # (n_rows, V)
+        spread[sampling] = float((dev**2).mean())
+        if sampling == "systematic":
+            assert np.abs(dev).max() < 1 + 1e-6
+            assert (counts.numpy()[:, k * p >= 1] >= 1).all()
+            se = np.sqrt(k * p * (1 - np.minimum(1, k * p)) + 1e-12) / np.sqrt(n_rows)
+            assert (np.abs(dev.mean(0)) < 5 * se + 1e-3).all()  # unbiased
+    assert spread["systematic"] < spread["iid"] / 2
+    points = draw_uniforms(shard_generator(0, "train", 0), 5, 4, "systematic")
+    torch.testing.assert_close(points.diff(dim=-1), torch.full((5, 3), 0.25, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown sampling 'stratified'"):
+        draw_uniforms(shard_generator(0, "train", 0), 5, 4, "stratified")
+
+
 @pytest.mark.parametrize(("vocab", "rows"), [(700, 1024), (700, 3), (40_000, 1)])
 def test_results_do_not_depend_on_torch_threads(vocab: int, rows: int) -> None:
     """Byte-identical stored arrays (ids, logprobs, tail) with 1 and 2 torch threads, including

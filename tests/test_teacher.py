@@ -16,9 +16,9 @@ from pipeline.core.config import from_params
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.provenance import files_sha256, read_provenance, tokenizer_identity
 from pipeline.data.corpus import CorpusConfig
+from pipeline.stages.prepare_teacher import main as stage_main
 from pipeline.teacher import builtin_teacher as bt
 from pipeline.teacher.prepare_teacher import TeacherConfig, prepare_teacher
-from stages.prepare_teacher import main as stage_main
 from tests.conftest import make_teacher, make_tokenizer, sample_lines
 
 LANGS = ["en", "de", "zh"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline.capture.dask_runner import DaskConfig
@@ -98,8 +101,18 @@ def tokenized(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.mark.parametrize(
     ("method", "dtype"), [("topk", "auto"), ("sample", "auto"), ("sample", "bfloat16")]
 )
-def test_end_to_end_store_verifies(tmp_path, tiny_teacher, tokenized, method, dtype) -> None:
-    metrics = run(small_cfg(method=method, dtype=dtype), tiny_teacher, tokenized, tmp_path)
+def test_end_to_end_store_verifies(
+    tmp_path, tiny_teacher, tokenized, method, dtype, caplog
+) -> None:
+    with caplog.at_level(logging.INFO, logger="pipeline.capture.teacher_logits"):
+        metrics = run(small_cfg(method=method, dtype=dtype), tiny_teacher, tokenized, tmp_path)
+    # the time split is logged: body, head, passes and write, each with its share
+    (split,) = [m for m in caplog.messages if m.startswith("time split: ")]
+    assert re.fullmatch(
+        r"time split: body [\d.]+ s \(\d+%\), head [\d.]+ s \(\d+%\), passes [\d.]+ s "
+        r"\(\d+%\), write [\d.]+ s \(\d+%\)",
+        split,
+    )
     out = tmp_path / "out" / "teacher.zarr"
     assert verify_store(out, tokenizer=tiny_teacher, tokenized=tokenized) == []
     attrs = read_attrs(out)
@@ -141,7 +154,7 @@ def test_store_holds_the_kernel_outputs_per_shard_stream(tmp_path, tiny_teacher,
         load_teacher(tiny_teacher, "cpu", "float32"), method="sample", k=8, head_chunk_tokens=20
     )
     for shard, (a, b) in ((1, (4, 8)), (3, (12, 13))):
-        u = draw_uniforms(shard_generator(cfg.seed, "train", shard), (b - a) * 16, 8)
+        u = draw_uniforms(shard_generator(cfg.seed, "train", shard), (b - a) * 16, 8, cfg.sampling)
         out = kernel(torch.from_numpy(ids[a:b].astype(np.int64)), u)
         draws = out.ids.numpy()  # (n, L, k)
         enc = encode_draws(draws, out.logprobs.numpy(), ids_as="uint16", counts_as="uint8")
@@ -159,7 +172,8 @@ def test_store_holds_the_kernel_outputs_per_shard_stream(tmp_path, tiny_teacher,
 def _stage_cmd(params: Path, teacher: Path, tokenized: Path, root: Path) -> list[str]:
     return [
         sys.executable,
-        str(REPO / "stages" / "teacher_logits.py"),
+        "-m",
+        "pipeline.stages.teacher_logits",
         "--params",
         str(params),
         "--teacher",
@@ -439,7 +453,6 @@ def test_two_concurrent_runs_compute_the_store_once(
 def test_the_work_lock_names_its_holder_and_is_released_when_it_is_killed(tmp_path, caplog) -> None:
     """Another process holds the lock; this one logs its pid and waits; kill -9 of the holder
     releases the lock (the OS drops it) and this one gets it."""
-    import logging
 
     from pipeline.store.work import lock_work
 
@@ -577,7 +590,7 @@ def test_stage_script_reports_errors_and_prints_params_help(tmp_path, tiny_teach
     assert result.stderr.strip().splitlines()[-1] == (
         "error: teacher_logits.k: must be >= 1, got 0"
     )
-    helped = subprocess.run(cmd[:2] + ["--help"], capture_output=True, text=True, timeout=60)
+    helped = subprocess.run(cmd[:3] + ["--help"], capture_output=True, text=True, timeout=60)
     assert "teacher_logits.head_chunk_tokens [default: 1024]" in helped.stdout
     assert "teacher_logits.dask.n_workers [default: 2]" in helped.stdout
 
@@ -585,3 +598,16 @@ def test_stage_script_reports_errors_and_prints_params_help(tmp_path, tiny_teach
 def test_repository_params_section_parses() -> None:
     cfg = from_params(TeacherLogitsConfig, load_params(REPO / "params.yaml"), "teacher_logits")
     assert cfg.method in ("topk", "sample") and cfg.k >= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the bench would run")
+def test_teacher_benchmark_refuses_cuda_without_a_gpu_instead_of_faking_it() -> None:
+    run = subprocess.run(
+        [sys.executable, "benchmarks/teacher.py", "--device", "cuda"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2 and "no CUDA device on this machine" in run.stderr
+    assert "{" not in run.stdout  # no JSON line: nothing measured, nothing faked

@@ -129,7 +129,7 @@ def test_failure_leaves_no_output_that_looks_complete(tmp_path, tiny_teacher):
 
 def test_stage_script_help_and_error_exit(tmp_path):
     help_text = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "tokenize_corpus.py"), "--help"],
+        [sys.executable, "-m", "pipeline.stages.tokenize_corpus", "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -141,7 +141,8 @@ def test_stage_script_help_and_error_exit(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(REPO / "stages" / "tokenize_corpus.py"),
+            "-m",
+            "pipeline.stages.tokenize_corpus",
             "--params",
             str(params),
             "--teacher",

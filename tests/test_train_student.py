@@ -19,7 +19,7 @@ import yaml
 from pipeline.core.config import from_params
 from pipeline.core.errors import ConfigError, StoreError
 from pipeline.student.train_student import TrainStudentConfig, prepare, run_train_student
-from tests.conftest import REPO, make_teacher
+from tests.conftest import make_teacher
 from tests.store_fixtures import V, build_store, make_attrs, make_data, make_tokenized
 from tests.store_fixtures import make_tokenizer as make_wordlevel
 
@@ -228,7 +228,7 @@ def test_stage_script_prints_the_error_and_exits_1(env, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train_student": {"alpha": 2}}))
     p = paths(env, tmp_path)
-    argv = [sys.executable, str(REPO / "stages/train_student.py"), "--params", str(params)]
+    argv = [sys.executable, "-m", "pipeline.stages.train_student", "--params", str(params)]
     for flag in ("tokenized", "logits", "tokenizer", "out", "metrics", "checkpoints"):
         argv += [f"--{flag}", str(p[flag])]
     run = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
@@ -240,7 +240,7 @@ def test_stage_script_prints_the_error_and_exits_1(env, tmp_path):
 
 def _stage(env: Path, tmp: Path, params: Path, name: str) -> list[str]:
     p = paths(env, tmp)
-    argv = [sys.executable, str(REPO / "stages/train_student.py"), "--params", str(params)]
+    argv = [sys.executable, "-m", "pipeline.stages.train_student", "--params", str(params)]
     for flag in ("tokenized", "logits", "tokenizer"):
         argv += [f"--{flag}", str(p[flag])]
     argv += ["--out", str(tmp / name), "--metrics", str(tmp / f"{name}.json")]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,9 @@ import numpy as np
 import torch
 
 from pipeline.capture.kernel import (
+    PHASES,
     Fidelity,
+    PhaseClock,
     SoftLabelKernel,
     SoftLabels,
     check_split,
@@ -73,6 +76,8 @@ class Job:
     method: str
     k: int
     seed: int
+    sampling: str
+    """`systematic` or `iid` placement of a sample store's draws (`draw_uniforms`)."""
     batch_size: int
     head_chunk_tokens: int
     device: str
@@ -120,13 +125,13 @@ def build_kernel(model: torch.nn.Module, job: Job) -> SoftLabelKernel:
 class UniformStream:
     """A shard's sampling draws, consumed row by row; `peek` may look ahead without consuming."""
 
-    def __init__(self, generator: torch.Generator, k: int) -> None:
-        self.generator, self.k = generator, k
+    def __init__(self, generator: torch.Generator, k: int, sampling: str) -> None:
+        self.generator, self.k, self.sampling = generator, k, sampling
         self.ahead = torch.empty(0, k, dtype=torch.float64)
 
     def peek(self, rows: int) -> torch.Tensor:
         if self.ahead.shape[0] < rows:
-            more = draw_uniforms(self.generator, rows - self.ahead.shape[0], self.k)
+            more = draw_uniforms(self.generator, rows - self.ahead.shape[0], self.k, self.sampling)
             self.ahead = torch.cat([self.ahead, more])
         return self.ahead[:rows]
 
@@ -142,6 +147,8 @@ class _HostBatch:
     """ids, logprobs, tail, covered, entropy, top1 on the host (pinned on CUDA)."""
     event: Any = None
     """CUDA event recorded after the device-to-host copies (None on CPU)."""
+    clock: PhaseClock | None = None
+    """Where the batch's compute time went (read by the writer once the copies are done)."""
 
 
 class ShardRunner:
@@ -212,7 +219,9 @@ class ShardRunner:
         ids = self.data[split].input_ids
         stream = None
         if self.job.method == "sample":
-            stream = UniformStream(shard_generator(self.job.seed, split, shard), self.job.k)
+            stream = UniformStream(
+                shard_generator(self.job.seed, split, shard), self.job.k, self.job.sampling
+            )
         order.append(("begin", split, shard))
         pos = start
         while pos < stop:
@@ -257,11 +266,12 @@ class ShardRunner:
             writer.put(item)
 
     def _compute(self, batch: torch.Tensor, u: torch.Tensor | None, offset: int) -> _HostBatch:
+        clock = PhaseClock(self.device)
         with torch.inference_mode():
-            out = self.kernel(batch, u)
+            out = self.kernel(batch, u, clock)
         fields = _fields(out)
         if self.device.type != "cuda":
-            return _HostBatch(offset, fields)
+            return _HostBatch(offset, fields, clock=clock)
         host = []
         for t in fields:
             h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -269,7 +279,7 @@ class ShardRunner:
             host.append(h)
         event = torch.cuda.Event()
         event.record()
-        return _HostBatch(offset, tuple(host), event)
+        return _HostBatch(offset, tuple(host), event, clock)
 
 
 def _fields(out: SoftLabels) -> tuple[torch.Tensor, ...]:
@@ -349,6 +359,7 @@ class _ShardWriter:
             "tail": np.empty((n, seq_len), np.float16),
             "entropy": np.empty((n, seq_len), np.float16),
             "stats": np.empty((n, 3), np.float64),
+            "seconds": dict.fromkeys((*PHASES, "write"), 0.0),
         }
 
     def _batch(self, hb: _HostBatch) -> None:
@@ -367,12 +378,16 @@ class _ShardWriter:
         cur["stats"][a:b] = per_sequence_stats(
             *(x.reshape(n, seq_len) for x in (covered, entropy, top1))
         )
+        if hb.clock is not None:
+            for phase, seconds in hb.clock.seconds().items():
+                cur["seconds"][phase] += seconds
 
     def _end(self) -> None:
         cur, self.current = self.current, None
         assert cur is not None
         split, shard, start, stop = cur["split"], cur["shard"], cur["start"], cur["stop"]
         data = self.data[split]
+        started = time.perf_counter()
         checksums = write_shard(
             self.job.store,
             self.job.spec,
@@ -391,4 +406,12 @@ class _ShardWriter:
             cur["stats"],
             self.job.spec.split(split).seq_len,
         )
-        write_record(self.job.records, split, shard, checksums, fidelity=fidelity.sums)
+        cur["seconds"]["write"] += time.perf_counter() - started
+        write_record(
+            self.job.records,
+            split,
+            shard,
+            checksums,
+            fidelity=fidelity.sums,
+            seconds={k: round(v, 4) for k, v in cur["seconds"].items()},
+        )

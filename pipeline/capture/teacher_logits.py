@@ -49,6 +49,7 @@ from pipeline.store.format import FORMAT_VERSION as STORE_FORMAT_VERSION
 from pipeline.store.format import (
     PER_CANDIDATE,
     Method,
+    Sampling,
     SplitSpec,
     StoreSpec,
     finalize_store,
@@ -80,6 +81,12 @@ class TeacherLogitsConfig:
     k: int = 32
     """Ids per position: the top k, or k draws (stored as distinct ids + counts);
     1 <= k <= the teacher's vocabulary size."""
+    sampling: Sampling = "systematic"
+    """`sample`: where the k draws fall on the teacher's CDF. `systematic`: one uniform u per
+    position and the points (u + j) / k, so id i is drawn floor(k p_i) or ceil(k p_i) times
+    (unbiased, and ids with p_i >= 1/k always drawn); `iid`: k independent draws (multinomial
+    counts, several times the variance; every store before this key). The students' quality
+    at each is measured in docs/logits-store.md."""
     sample_logprobs: bool = False
     """Keep the teacher's log-probability of each drawn id (and the `tail` mass) in a sample
     store: needed for a student temperature != 1, `sample_weights: inclusion` and the store's
@@ -180,7 +187,7 @@ def store_attrs(
         "method": cfg.method,
         "seed": cfg.seed,
         "temperature": 1.0,
-    }
+    } | ({"sampling": cfg.sampling} if cfg.method == "sample" else {})
 
 
 def store_spec(
@@ -220,6 +227,7 @@ def work_key(
         "method": cfg.method,
         "k": cfg.k,
         "sample_logprobs": cfg.sample_logprobs,
+        "sampling": cfg.sampling,
         "seed": cfg.seed,
         "chunk_sequences": cfg.chunk_sequences,
         "shard_chunks": cfg.shard_chunks,
@@ -270,6 +278,7 @@ def run_teacher_logits(
         method=cfg.method,
         k=cfg.k,
         seed=cfg.seed,
+        sampling=cfg.sampling,
         batch_size=cfg.batch_size,
         head_chunk_tokens=cfg.head_chunk_tokens,
         device=device,
@@ -289,6 +298,7 @@ def run_teacher_logits(
             fidelity = Fidelity()
             for rec in recs:
                 fidelity.merge(Fidelity(rec["fidelity"]))
+            log_time_split(recs)
             remove_partials(store)
             finalize_store(store, checksums)  # re-hashes every shard file against the records
             result = _metrics(cfg, spec, store, fidelity, device, dtype)
@@ -296,6 +306,25 @@ def run_teacher_logits(
         install_store(lock, store, out, Path(metrics), result)
     log.info("wrote %s (%d tokens)", out, result["tokens"])
     return result
+
+
+def log_time_split(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Log (and return) where the compute went, summed over the shards this run computed:
+    backbone, output head, vocabulary-wide passes (`pipeline.capture.kernel.PHASES`) and
+    encode + write. Seconds of every compute stream and worker add up, so on several streams
+    the sum exceeds the wall time; the shares are what matter. Kept out of the metrics file,
+    which stays a pure function of the store."""
+    total: dict[str, float] = {}
+    for rec in records:
+        for phase, seconds in rec.get("seconds", {}).items():  # absent in older records
+            total[phase] = total.get(phase, 0.0) + seconds
+    whole = sum(total.values())
+    if whole > 0:
+        log.info(
+            "time split: %s",
+            ", ".join(f"{p} {s:.2f} s ({100 * s / whole:.0f}%)" for p, s in total.items()),
+        )
+    return total
 
 
 def _compute(

@@ -33,6 +33,7 @@ from pipeline.store.format import (
     finalize_store,
     open_split,
     read_attrs,
+    sampling_of,
     write_shard,
 )
 from pipeline.store.integrity import check_integrity
@@ -113,6 +114,8 @@ def convert_store(
     check_integrity(src, spec, attrs, purpose="convert")
     new = target_spec(spec, attrs, sample_logprobs)
     carried = {key: attrs[key] for key in PROVENANCE_KEYS}
+    if sampling_of(attrs) is not None:  # recorded explicitly: format 1 predates the attribute
+        carried["sampling"] = sampling_of(attrs)
     carried["converted_from"] = {
         "format_version": attrs["format_version"],
         "content_sha256": content_sha256(attrs),

@@ -20,6 +20,7 @@ from pipeline.store.format import (
     entries,
     raw_bytes_per_sequence,
     read_attrs_any_version,
+    sampling_of,
     shard_files,
 )
 from pipeline.store.verify import abbreviate, content_sha256
@@ -102,6 +103,7 @@ def store_summary(path: str | Path) -> dict[str, Any]:
         "teacher": attrs.get("teacher"),
         "tokenizer": attrs.get("tokenizer"),
         "method": attrs.get("method"),
+        "sampling": sampling_of(attrs),
         "k": spec.k,
         "seed": attrs.get("seed"),
         "temperature": attrs.get("temperature"),
@@ -143,7 +145,9 @@ def describe_store(path: str | Path) -> str:
         f"complete:   {'yes' if d['complete'] else 'NO'}  ({d['checksums_recorded']} shard checksums recorded, content sha256 {abbreviate(d['content_sha256'])})",
         f"teacher:    {t.get('name')} @ {t.get('revision') or '-'}  {t.get('architecture')}  vocab_size {t.get('vocab_size')}  sha256 {abbreviate(t.get('sha256'))}",
         f"tokenizer:  vocab_size {tok.get('vocab_size')}  eos_id {tok.get('eos_id')}  sha256 {abbreviate(tok.get('sha256'))}",
-        f"labels:     method {d['method']}  k {k}  seed {d['seed']}  temperature {d['temperature']}",
+        f"labels:     method {d['method']}"
+        + (f" ({d['sampling']})" if d["sampling"] else "")
+        + f"  k {k}  seed {d['seed']}  temperature {d['temperature']}",
         f"layout:     {d['chunk_sequences']} sequences per chunk, {d['shard_chunks']} chunks per shard "
         f"({d['chunk_sequences'] * d['shard_chunks']} sequences per shard file)",
     ]

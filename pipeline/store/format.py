@@ -71,6 +71,24 @@ Method = Literal["topk", "sample"]
 METHODS: tuple[str, ...] = get_args(Method)
 """The values of `Method`, in order."""
 
+Sampling = Literal["systematic", "iid"]
+"""How a sample store's k draws per position were placed on the teacher's CDF: one uniform
+spread over k evenly spaced points, or k independent uniforms (attribute `sampling`)."""
+
+SAMPLINGS: tuple[str, ...] = get_args(Sampling)
+"""The values of `Sampling`, in order (the first is teacher_logits' default)."""
+
+LEGACY_SAMPLING = "iid"
+"""What a sample store without a `sampling` attribute used (every store before it existed)."""
+
+
+def sampling_of(attrs: dict[str, Any]) -> str | None:
+    """A store's `sampling` (None for top-k stores; `LEGACY_SAMPLING` where unrecorded)."""
+    if attrs.get("method") != "sample":
+        return None
+    return attrs.get("sampling", LEGACY_SAMPLING)
+
+
 ATTRS_KEY = "softlabels"
 """Key of the store's attributes inside the group's zarr.json `attributes`."""
 

@@ -153,57 +153,31 @@ def _take(it: Iterator[tuple[np.ndarray, Any]], n: int) -> Iterator[tuple[np.nda
         n -= len(rows[:n])
 
 
-class SoftLabelStream(IterableDataset):
-    """An endless stream of training batches in `BlockOrder` order (module docstring).
+class RowReader:
+    """Token ids and decoded soft labels of one split, read a chunk at a time.
 
-    Each item is a dict of tensors for one batch: `input_ids` (B, L) int32 and, when `store`
-    is given, the decoded labels (`decode_block`): `ids` (B, L, k) int32, and as the store has
-    them `logprobs` (B, L, k) float16, `tail` (B, L) float16, `counts` (B, L, k) uint8,
-    `entropy` (B, L) float16.
-    Use it with `DataLoader(stream, batch_size=None, num_workers=W)` and the same W as
-    `num_workers`. Paths, not open files, are held, so it pickles cheaply into worker processes.
+    The one reader of (tokenized rows, store) pairs: the training stream, the public row
+    datasets (`pipeline.student.datasets`) and the benchmarks go through it. Holds paths, not
+    open files, so it pickles cheaply into DataLoader workers; the memory-mapped token ids and
+    the Zarr arrays are opened on first use in each process. `store` None reads token ids only.
     """
 
     def __init__(
-        self,
-        tokenized: str | Path,
-        *,
-        batch_size: int,
-        seed: int,
-        chunk_sequences: int,
-        store: str | Path | None = None,
-        split: str = "train",
-        buffer_chunks: int = 4,
-        num_workers: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start_step: int = 0,
-        prefetch: int = 2,
+        self, tokenized: str | Path, *, store: str | Path | None = None, split: str = "train"
     ) -> None:
-        super().__init__()
         self.tokenized, self.store, self.split = Path(tokenized), store, split
-        self.workers = max(1, num_workers)
-        self.rank, self.world_size = rank, world_size
-        self.start_step, self.prefetch = start_step, max(1, prefetch)
-        n_rows = len(self._tokens())
-        self.order = BlockOrder(
-            n_rows=n_rows,
-            chunk_sequences=chunk_sequences,
-            batch_size=batch_size,
-            seed=seed,
-            buffer_chunks=buffer_chunks,
-            slots=self.workers * world_size,
-        )
         self._arrays: dict[str, Any] | None = None
+        self._token_rows: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_arrays"] = None
-        state.pop("_token_rows", None)  # reopened (memory-mapped) in each process
+        state["_token_rows"] = None  # reopened (memory-mapped) in each process
         return state
 
-    def _tokens(self) -> np.ndarray:
-        if getattr(self, "_token_rows", None) is None:
+    def tokens(self) -> np.ndarray:
+        """(N, L) token ids of the split (memory-mapped)."""
+        if self._token_rows is None:
             self._token_rows = load_tokenized(self.tokenized, [self.split])[self.split].input_ids
         return self._token_rows
 
@@ -237,49 +211,69 @@ class SoftLabelStream(IterableDataset):
             raise StoreError(f"{where}: {'; '.join(problems)}; {DAMAGED_ADVICE}")
         return block
 
-    def read_window(self, blocks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(sorted row ids, {name: rows}) of whole blocks: one chunk read per block and array."""
-        ranges = sorted(self.order.block_range(int(b)) for b in blocks)
+    def read_ranges(
+        self, ranges: list[tuple[int, int]]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(sorted row ids, {name: rows}) of whole row ranges (chunks): `input_ids` (n, L) and
+        the decoded labels (n, L[, k]); one chunk read per range and array."""
+        ranges = sorted(ranges)
         rows = np.concatenate([np.arange(a, b) for a, b in ranges])
-        data = {"input_ids": np.ascontiguousarray(self._tokens()[rows])}  # (n, L)
+        data = {"input_ids": np.ascontiguousarray(self.tokens()[rows])}  # (n, L)
         if self.store is not None:
             parts = [self.read_labels(a, b) for a, b in ranges]
             for name in parts[0]:
                 data[name] = np.concatenate([p[name] for p in parts])  # (n, L[, k])
         return rows, data
 
-    def _windows(self, slot: int, start: int) -> Iterator[tuple[np.ndarray, dict]]:
-        """(served row ids, window data indexed by those rows) with background prefetch."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
 
-        def produce() -> None:
-            try:
-                for served, (_, _, blocks) in self.order.iter_rows(slot, start):
-                    rows, data = self.read_window(blocks)
-                    local = np.searchsorted(rows, served)  # (n,) positions in `data`
-                    item = (local, data)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            except BaseException as e:  # hand any failure to the consumer
-                q.put(e)
+class SoftLabelStream(IterableDataset):
+    """An endless stream of training batches in `BlockOrder` order (module docstring).
 
-        thread = threading.Thread(target=produce, name=f"softlabels-prefetch-{slot}", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+    Each item is a dict of tensors for one batch: `input_ids` (B, L) int32 and, when `store`
+    is given, the decoded labels (`decode_block`): `ids` (B, L, k) int32, and as the store has
+    them `logprobs` (B, L, k) float16, `tail` (B, L) float16, `counts` (B, L, k) uint8,
+    `entropy` (B, L) float16.
+    Use it with `DataLoader(stream, batch_size=None, num_workers=W)` and the same W as
+    `num_workers`. Paths, not open files, are held, so it pickles cheaply into worker processes.
+    """
+
+    def __init__(
+        self,
+        tokenized: str | Path,
+        *,
+        batch_size: int,
+        seed: int,
+        chunk_sequences: int,
+        store: str | Path | None = None,
+        split: str = "train",
+        buffer_chunks: int = 4,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        prefetch: int = 2,
+    ) -> None:
+        super().__init__()
+        self.reader = RowReader(tokenized, store=store, split=split)
+        self.workers = max(1, num_workers)
+        self.rank, self.world_size = rank, world_size
+        self.start_step, self.prefetch = start_step, max(1, prefetch)
+        self.order = BlockOrder(
+            n_rows=len(self.reader.tokens()),
+            chunk_sequences=chunk_sequences,
+            batch_size=batch_size,
+            seed=seed,
+            buffer_chunks=buffer_chunks,
+            slots=self.workers * world_size,
+        )
+
+    def read_labels(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """`RowReader.read_labels` of this stream's store and split."""
+        return self.reader.read_labels(start, stop)
+
+    def read_window(self, blocks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(sorted row ids, {name: rows}) of whole blocks: one chunk read per block and array."""
+        return self.reader.read_ranges([self.order.block_range(int(b)) for b in blocks])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -296,7 +290,7 @@ class SoftLabelStream(IterableDataset):
         b = self.order.batch_size
         pieces: list[tuple[np.ndarray, dict]] = []
         have = 0
-        for local, data in self._windows(slot, done * b):
+        for local, data in prefetched_windows(self, slot, done * b, self.prefetch):
             pos = 0
             while pos < len(local):
                 take = local[pos : pos + b - have]
@@ -306,6 +300,44 @@ class SoftLabelStream(IterableDataset):
                 if have == b:
                     yield _assemble(pieces)
                     pieces, have = [], 0
+
+
+def prefetched_windows(
+    source: Any, slot: int, start: int, prefetch: int
+) -> Iterator[tuple[np.ndarray, dict]]:
+    """(served row ids, window data indexed by those rows) of `slot` from its `start`-th row on,
+    read `prefetch` windows ahead in a background thread. `source` has `order` (a BlockOrder)
+    and `read_window(blocks)`."""
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for served, (_, _, blocks) in source.order.iter_rows(slot, start):
+                rows, data = source.read_window(blocks)
+                local = np.searchsorted(rows, served)  # (n,) positions in `data`
+                item = (local, data)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # hand any failure to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=produce, name=f"softlabels-prefetch-{slot}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _assemble(pieces: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> dict[str, torch.Tensor]:

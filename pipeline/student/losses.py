@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.store.format import METHODS
+from pipeline.store.format import METHODS, SAMPLINGS
 
 Loss = Literal["kl", "reverse_kl"]
 LOSSES: tuple[str, ...] = get_args(Loss)
@@ -171,6 +171,7 @@ def sampled_kd(
     entropy: Tensor | None = None,
     temperature: float = 1.0,
     weights: str = "empirical",
+    sampling: str = "iid",
     lse: Tensor | None = None,
 ) -> Tensor:
     """Per-position estimate of KL(p || q) from k teacher draws (module docstring).
@@ -182,12 +183,15 @@ def sampled_kd(
     mean -log p when `logprobs` is None (same gradient, exact constant). `lse` =
     logsumexp(student_logits / T, -1) if already known. `weights`: `empirical`, (1/k) sum_j
     [log p(x_j) - log q(x_j)]; or `inclusion`, the Horvitz-Thompson sum over the distinct drawn
-    ids i of p(i)/pi(i) [log p(i) - log q(i)], pi(i) = 1 - (1 - p(i))^k. Both are unbiased at
-    T = 1. T != 1 and `inclusion` need `logprobs` (ValueError otherwise). Returns (...,) float32.
+    ids i of p(i)/pi(i) [log p(i) - log q(i)], pi(i) the probability that i is drawn at all:
+    1 - (1 - p(i))^k for `iid` draws, min(1, k p(i)) for `systematic` ones (`sampling`, the
+    store's attribute). Both are unbiased at T = 1 under either sampling. T != 1 and `inclusion` need `logprobs` (ValueError otherwise). Returns (...,) float32.
     """
     check_options(loss="kl", tail="bucket", method="sample", temperature=temperature)
     if weights not in SAMPLE_WEIGHTS:
         raise ValueError(f"unknown sample weights {weights!r} (known: {', '.join(SAMPLE_WEIGHTS)})")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r} (known: {', '.join(SAMPLINGS)})")
     if logprobs is None and (temperature != 1.0 or weights != "empirical" or entropy is None):
         raise ValueError(
             "this sample store keeps no logprobs, so only temperature 1 with empirical weights "
@@ -214,8 +218,11 @@ def sampled_kd(
         log_z = torch.logsumexp(log_w, dim=-1, keepdim=True) - k.log()  # est. log Z_T
     else:
         first = distinct_mask(ids) & (c > 0)  # (..., m)
-        log_1mp = _log1mexp(lp.clamp(max=_EDGE))  # log(1 - p)
-        log_pi = _log1mexp(k * log_1mp)  # (..., m) log P(id drawn at least once)
+        if sampling == "systematic":  # hit by one of k evenly spaced points: min(1, k p)
+            log_pi = (lp + k.log()).clamp(max=0.0)  # (..., m)
+        else:
+            log_1mp = _log1mexp(lp.clamp(max=_EDGE))  # log(1 - p)
+            log_pi = _log1mexp(k * log_1mp)  # (..., m) log P(id drawn at least once)
         log_w = torch.where(first, lp / temperature - log_pi, _NEG_INF)  # p_T-ish / pi
         if temperature == 1.0:  # unbiased Horvitz-Thompson
             return torch.where(first, torch.exp(log_w) * (lp - lq), 0.0).sum(-1)
@@ -282,6 +289,7 @@ def distillation_loss(
     tail: str = "bucket",
     method: str | None = None,
     sample_weights: str = "empirical",
+    sampling: str = "iid",
     ids: Tensor | None = None,
     logprobs: Tensor | None = None,
     tail_logmass: Tensor | None = None,
@@ -292,7 +300,7 @@ def distillation_loss(
     """Mix KD and hard-label CE: alpha * T^2 * KD + (1 - alpha) * CE, averaged over positions.
 
     student_logits (B, T, V) predict targets (B, T). The teacher is either a store's labels at
-    the same positions (`method`, ids (B, T, k), logprobs (B, T, k) or None, tail_logmass
+    the same positions (`method`, for sample stores their `sampling`, ids (B, T, k), logprobs (B, T, k) or None, tail_logmass
     (B, T), and for a format-2 sample store counts (B, T, k) and entropy (B, T); see
     `pipeline.store.labels.decode_block`) or live `teacher_logits` (B, T, V). With alpha = 0 no
     teacher input is needed.
@@ -316,6 +324,7 @@ def distillation_loss(
             entropy=entropy,
             temperature=temperature,
             weights=sample_weights,
+            sampling=sampling,
             lse=lse if temperature == 1.0 else None,
         ).mean()
     elif method == "topk":

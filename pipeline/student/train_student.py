@@ -48,14 +48,13 @@ from pipeline.core.text import printable
 from pipeline.data.tokenized import load_tokenized
 from pipeline.modeling.llama import check_llama_sizes, llama_config
 from pipeline.modeling.optim import check_optimizer_params
-from pipeline.store.format import read_attrs
-from pipeline.store.labels import has_logprobs
+from pipeline.store.format import LEGACY_SAMPLING, read_attrs, sampling_of
 from pipeline.store.verify import abbreviate, content_sha256
 from pipeline.student import checkpoint as ckpt
 from pipeline.student import model as sm
 from pipeline.student.data import SoftLabelStream, check_store
 from pipeline.student.losses import Loss, SampleWeights, Tail
-from pipeline.student.trainer import LossSettings, StudentTrainer
+from pipeline.student.trainer import LossSettings, StudentTrainer, check_loss_for_store
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +276,14 @@ def prepare(
     if init_layers is not None:
         record["init_layers"] = init_layers
     model.to(device)
-    trainer = _build_trainer(cfg, model, method=source.method, device=device, teacher=teacher)
+    trainer = _build_trainer(
+        cfg,
+        model,
+        method=source.method,
+        sampling=record.get("sampling") or LEGACY_SAMPLING,
+        device=device,
+        teacher=teacher,
+    )
     stream_args = _stream_args(
         cfg,
         tokenized=tokenized,
@@ -355,30 +361,20 @@ def _store_source(cfg: TrainStudentConfig, *, logits: Path, tokenized: Path, tok
         vocab_size=_student_vocab(cfg, vocab),
     )
     method = attrs["method"]
-    if method == "sample" and cfg.loss == "reverse_kl":
-        raise ConfigError(
-            f"train_student.loss: reverse_kl needs the teacher's probability wherever the "
-            f"student puts mass, but {logits} is a 'sample' store (draws only); use loss: "
-            "kl, or a topk store"
-        )
-    if method == "sample" and not has_logprobs(attrs):
-        for key, value, ok in (
-            ("temperature", cfg.temperature, 1.0),
-            ("sample_weights", cfg.sample_weights, "empirical"),
-        ):
-            if value != ok:
-                raise ConfigError(
-                    f"train_student.{key}: {value!r} needs the teacher's log-probabilities, "
-                    f"but {logits} keeps ids and counts only (written with "
-                    f"teacher_logits.sample_logprobs: false); use {key}: {ok!r}, or re-run "
-                    "teacher_logits with sample_logprobs: true"
-                )
+    check_loss_for_store(
+        attrs,
+        loss=cfg.loss,
+        temperature=cfg.temperature,
+        sample_weights=cfg.sample_weights,
+        store=logits,
+    )
     record = {
         "source": "store",
         "store": str(logits),
         "store_sha256": content_sha256(attrs),
         "teacher": {k: attrs["teacher"].get(k) for k in ("name", "revision", "sha256")},
         "method": method,
+        "sampling": sampling_of(attrs),
         "k": attrs["k"],
         "format_version": attrs.get("format_version"),
         "seed": attrs.get("seed"),
@@ -461,6 +457,7 @@ def _build_trainer(
     model: torch.nn.Module,
     *,
     method: str | None,
+    sampling: str,
     device: torch.device,
     teacher: Path | None,
 ) -> StudentTrainer:
@@ -477,6 +474,7 @@ def _build_trainer(
         tail=cfg.tail,
         method=method,
         sample_weights=cfg.sample_weights,
+        sampling=sampling,
     )
     return StudentTrainer(
         model,

@@ -17,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.core.errors import ConfigError
 from pipeline.modeling.optim import adamw_with_schedule
-from pipeline.student.losses import distillation_loss, target_nll
+from pipeline.store.labels import has_logprobs
+from pipeline.student.losses import LossParts, distillation_loss, target_nll
 
 LOSS_ARGS = {
     "ids": "ids",
@@ -48,6 +51,84 @@ class LossSettings:
     """Store method ('topk' or 'sample'); None with a live teacher or alpha = 0."""
     sample_weights: str = "empirical"
     """Estimator for sample stores (`pipeline.student.losses.SAMPLE_WEIGHTS`)."""
+    sampling: str = "iid"
+    """A sample store's `sampling` attribute (`pipeline.store.format.sampling_of`): the
+    inclusion weights depend on it."""
+
+
+def check_loss_for_store(
+    attrs: dict[str, Any],
+    *,
+    loss: str,
+    temperature: float,
+    sample_weights: str,
+    store: str | Path,
+    section: str = "train_student",
+) -> None:
+    """Refuse (ConfigError naming `section.key`, the store and what to do) loss settings a
+    store with these attributes cannot serve: `reverse_kl` on a sample store (draws say nothing
+    of the teacher where the student puts mass), and T != 1 or `inclusion` weights on a sample
+    store that keeps no log-probabilities (format 2 written without `sample_logprobs`)."""
+    method = attrs["method"]
+    if method == "sample" and loss == "reverse_kl":
+        raise ConfigError(
+            f"{section}.loss: reverse_kl needs the teacher's probability wherever the "
+            f"student puts mass, but {store} is a 'sample' store (draws only); use loss: "
+            "kl, or a topk store"
+        )
+    if method == "sample" and not has_logprobs(attrs):
+        for key, value, ok in (
+            ("temperature", temperature, 1.0),
+            ("sample_weights", sample_weights, "empirical"),
+        ):
+            if value != ok:
+                raise ConfigError(
+                    f"{section}.{key}: {value!r} needs the teacher's log-probabilities, "
+                    f"but {store} keeps ids and counts only (written with "
+                    f"teacher_logits.sample_logprobs: false); use {key}: {ok!r}, or re-run "
+                    "teacher_logits with sample_logprobs: true"
+                )
+
+
+def batch_loss(
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    settings: LossSettings,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+) -> LossParts:
+    """The distillation loss of a batch of whole rows, as every trainer computes it.
+
+    logits (B, L, V) are the student's on `batch["input_ids"]` (B, L); the batch holds the
+    rows' stored labels as the readers decode them (`LOSS_ARGS`: ids, counts, logprobs
+    (B, L, k); tail, entropy (B, L)), or the live teacher's `teacher_logits` (B, L, V) are
+    given. Logits at position t predict token t + 1, and store position t holds the teacher's
+    distribution for token t + 1: positions 0..L-2 are scored, so every term has a real next
+    token. Labels are used only when alpha > 0. The one place that lines rows, labels and
+    the loss up: our loop, the Hugging Face Trainer recipe and the public `DistillationLoss`
+    call it, so their losses agree to the bit.
+    """
+    inp = batch["input_ids"]
+    targets = inp[:, 1:].long()  # (B, L-1)
+    kw: dict[str, Any] = {}
+    if settings.alpha > 0 and teacher_logits is not None:
+        kw["teacher_logits"] = teacher_logits[:, :-1]  # (B, L-1, V)
+    elif settings.alpha > 0:
+        kw["method"] = settings.method
+        for name, arg in LOSS_ARGS.items():  # ids, counts, logprobs (B, L-1, k); tail (B, L-1)
+            if name in batch:
+                kw[arg] = batch[name].to(logits.device)[:, :-1]
+    return distillation_loss(
+        logits[:, :-1],  # (B, L-1, V)
+        targets.to(logits.device),
+        alpha=settings.alpha,
+        temperature=settings.temperature,
+        loss=settings.loss,
+        tail=settings.tail,
+        sample_weights=settings.sample_weights,
+        sampling=settings.sampling,
+        **kw,
+    )
 
 
 @dataclass(frozen=True)
@@ -93,32 +174,17 @@ class StudentTrainer:
 
     def step(self, batch: dict[str, torch.Tensor]) -> StepResult:
         """One optimisation step on a batch from `pipeline.student.data.SoftLabelStream`."""
-        s = self.settings
         self.model.train()
         nb = self.device.type == "cuda"
-        inp = batch["input_ids"].to(self.device, non_blocking=nb).long()  # (B, L)
-        targets = inp[:, 1:]  # (B, L-1)
-        kw: dict[str, Any] = {}
-        if s.alpha > 0 and self.teacher is not None:
+        batch = {name: t.to(self.device, non_blocking=nb) for name, t in batch.items()}
+        teacher_logits = None
+        if self.settings.alpha > 0 and self.teacher is not None:
+            inp = batch["input_ids"].long()  # (B, L)
             with torch.no_grad(), self.autocast():
-                kw["teacher_logits"] = self.teacher(input_ids=inp).logits[:, :-1]  # (B, L-1, V)
-        elif s.alpha > 0:
-            kw = {"method": s.method}  # labels at positions 0..L-2, as decode_block gives them
-            for name, arg in LOSS_ARGS.items():  # ids, counts, logprobs (B, L-1, k); tail (B, L-1)
-                if name in batch:
-                    kw[arg] = batch[name].to(self.device, non_blocking=nb)[:, :-1]
+                teacher_logits = self.teacher(input_ids=inp).logits  # (B, L, V)
         with self.autocast():
-            logits = self.model(input_ids=inp).logits[:, :-1]  # (B, L-1, V)
-        parts = distillation_loss(
-            logits,
-            targets,
-            alpha=s.alpha,
-            temperature=s.temperature,
-            loss=s.loss,
-            tail=s.tail,
-            sample_weights=s.sample_weights,
-            **kw,
-        )
+            logits = self.model(input_ids=batch["input_ids"].long()).logits  # (B, L, V)
+        parts = batch_loss(logits, batch, self.settings, teacher_logits=teacher_logits)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)

@@ -3,10 +3,12 @@
 `tests/test_dvc_workflows.py` puts this folder first on PYTHONPATH and sets SOFTLABELS_READ_TRACE
 to a JSONL file before running `dvc repro`; Python then imports this module at start-up in every
 process (DVC's own too). An audit hook (PEP 578) sees every `open` made from Python (builtins,
-`os.open`, `io.open_code` for imports); at exit, a process started as `python stages/<name>.py`
+`os.open`, `io.open_code` for imports); at exit, a process started as
+`python -m pipeline.stages.<name>` (its sys.argv[0] is then .../pipeline/stages/<name>.py)
 appends {"argv", "cwd", "pipeline_dir", "reads", "writes"} to the trace (`pipeline_dir`: where
-that process imported the library from, editable checkout or site-packages). Opens made by native code (pyarrow's
-memory maps, safetensors) are invisible, so a folder counts as read when any file inside it is.
+that process imported the library from: the working directory's pipeline/, an editable checkout
+or site-packages). Opens made by native code (pyarrow's memory maps, safetensors) are invisible,
+so a folder counts as read when any file inside it is.
 Without SOFTLABELS_READ_TRACE this module does nothing.
 """
 
@@ -45,7 +47,9 @@ def _install(trace: str) -> None:
 
     def dump() -> None:
         script = sys.argv[0] if sys.argv else ""
-        if os.path.basename(os.path.dirname(os.path.abspath(script))) != "stages":
+        folder = os.path.dirname(os.path.abspath(script))
+        parent, name = os.path.split(folder)
+        if name != "stages" or os.path.basename(parent) != "pipeline":
             return
         lib = getattr(sys.modules.get("pipeline"), "__file__", None)
         record = {
