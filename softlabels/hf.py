@@ -44,18 +44,17 @@ class DistillationTrainer(Trainer):
     ) -> None:
         if not isinstance(distillation, (DistillationLoss, ClassDistillationLoss)):
             raise TypeError("distillation must be a DistillationLoss or ClassDistillationLoss")
-        targs = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
-        if targs is not None and targs.remove_unused_columns:
-            log.warning(
-                "DistillationTrainer: setting TrainingArguments.remove_unused_columns=False "
-                "(the soft-label fields are not model arguments and must reach the loss)"
-            )
-            targs.remove_unused_columns = False
         data = kwargs.get("train_dataset")
         if isinstance(data, SoftLabelDataset) and data.world_size != 1:
             kwargs["train_dataset"] = data.with_ranks(0, 1)
         kwargs.setdefault("data_collator", Collator(pad_id=getattr(data, "pad_id", None)))
         super().__init__(*args, **kwargs)
+        if self.args.remove_unused_columns:  # read when the dataloaders are built, later
+            log.warning(
+                "DistillationTrainer: setting TrainingArguments.remove_unused_columns=False "
+                "(the soft-label fields are not model arguments and must reach the loss)"
+            )
+            self.args.remove_unused_columns = False
         self.distillation = distillation
         self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides by GA steps
 

@@ -183,6 +183,7 @@ def test_hf_trainer_matches_our_loop_at_step_1_and_the_loss_falls(project, tmp_p
         use_cpu=True,
         seed=0,
     )
+    assert args.remove_unused_columns  # Trainer's default, which would drop the label fields
     student = AutoModelForCausalLM.from_pretrained(project["root"] / "student")
     loss = sl.DistillationLoss.from_store(project["store"], alpha=0.5)
     trainer = Recording(

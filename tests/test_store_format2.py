@@ -66,6 +66,11 @@ def test_encoding_keeps_the_draws_as_a_multiset():
     again = encode_draws(ids[..., perm], lp[..., perm], ids_as="uint16", counts_as="uint8")
     for name in enc:
         assert np.array_equal(enc[name].view(np.uint8), again[name].view(np.uint8))
+    # Without logprobs (the default store) the fast path gives the same ids and counts.
+    bare = encode_draws(ids[..., perm], None, ids_as="uint16", counts_as="uint8")
+    assert sorted(bare) == ["extra_draws", "id_deltas"]
+    for name in bare:
+        assert np.array_equal(enc[name].view(np.uint8), bare[name].view(np.uint8))
 
 
 def test_ids_that_do_not_fit_the_narrow_dtype_are_refused():

@@ -566,7 +566,12 @@ def write_shard(
         if entropy is None:
             raise ValueError(f"write_shard({split}, shard {shard}): a sample store needs entropy")
         data.update(
-            encode_draws(ids, logprobs, ids_as=spec.id_dtype, counts_as=spec.DTYPES["extra_draws"])
+            encode_draws(
+                ids,
+                logprobs if spec.logprobs else None,
+                ids_as=spec.id_dtype,
+                counts_as=spec.DTYPES["extra_draws"],
+            )
         )
         data["entropy"] = np.asarray(entropy, np.float16)
         data = {name: data[name] for name in spec.ARRAYS}

@@ -67,7 +67,7 @@ def narrow(values: np.ndarray, dtype: str, what: str) -> np.ndarray:
 
 def encode_draws(
     ids: np.ndarray,
-    logprobs: np.ndarray,
+    logprobs: np.ndarray | None,
     *,
     ids_as: str,
     counts_as: str,
@@ -79,14 +79,17 @@ def encode_draws(
     ascending, delta-coded, then 0s; `extra_draws` (n, L, k) `counts_as`: draws of each id
     beyond the first, 0 on the padding; `logprobs` (n, L, k) float16 aligned with the ids (the
     padding repeats the last value). Deterministic: the same draws, in any order, give the same
-    arrays. ValueError naming `ids` if an id does not fit `ids_as`.
+    arrays. ValueError naming `ids` if an id does not fit `ids_as`. With `logprobs` None (a
+    store that keeps none) the result has no `logprobs` and skips their reordering.
     """
     n, seq_len, k = ids.shape
     p = n * seq_len
     draws = ids.reshape(p, k)  # (P, k)
-    order = np.argsort(draws, axis=1, kind="stable")  # (P, k)
-    sorted_ids = np.take_along_axis(draws, order, 1).astype(np.int64)  # (P, k)
-    sorted_lp = np.take_along_axis(logprobs.reshape(p, k), order, 1)  # (P, k)
+    if logprobs is None:
+        sorted_ids = np.sort(draws, axis=1).astype(np.int64)  # (P, k)
+    else:
+        order = np.argsort(draws, axis=1, kind="stable")  # (P, k)
+        sorted_ids = np.take_along_axis(draws, order, 1).astype(np.int64)  # (P, k)
     first = np.ones((p, k), bool)
     first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
     slot = np.cumsum(first, axis=1) - 1  # (P, k): index of each draw's distinct id
@@ -94,21 +97,24 @@ def encode_draws(
     flat = (np.arange(p)[:, None] * k + slot).ravel()  # (P*k,)
     counts = np.bincount(flat, minlength=p * k).reshape(p, k)  # (P, k), 0 past `distinct`
     out_ids = np.empty((p, k), np.int64)
-    out_lp = np.empty((p, k), np.float16)
     rows = np.broadcast_to(np.arange(p)[:, None], (p, k))
     out_ids[rows, slot] = sorted_ids  # a repeated id writes the same value to its slot
-    out_lp[rows, slot] = sorted_lp
     pad = np.arange(k)[None, :] >= distinct[:, None]  # (P, k) slots past the distinct ids
     last = distinct - 1
     out_ids = np.where(pad, out_ids[np.arange(p), last][:, None], out_ids)
-    out_lp = np.where(pad, out_lp[np.arange(p), last][:, None], out_lp)
     narrow(out_ids, ids_as, "ids")  # every id must fit; the gaps then do too
     deltas = np.diff(out_ids, axis=1, prepend=0)  # (P, k): first id, gaps, 0 on the padding
-    return {
+    out = {
         "id_deltas": deltas.astype(ids_as).reshape(n, seq_len, k),
         "extra_draws": np.where(pad, 0, counts - 1).astype(counts_as).reshape(n, seq_len, k),
-        "logprobs": out_lp.astype(np.float16).reshape(n, seq_len, k),
     }
+    if logprobs is not None:
+        sorted_lp = np.take_along_axis(logprobs.reshape(p, k), order, 1)  # (P, k)
+        out_lp = np.empty((p, k), np.float16)
+        out_lp[rows, slot] = sorted_lp
+        out_lp = np.where(pad, out_lp[np.arange(p), last][:, None], out_lp)
+        out["logprobs"] = out_lp.astype(np.float16).reshape(n, seq_len, k)
+    return out
 
 
 def real_slots(id_deltas: np.ndarray) -> np.ndarray:
