@@ -39,7 +39,12 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from pipeline.data.tokenized import load_tokenized
 from pipeline.store.format import read_attrs
 from pipeline.store.verify import compatibility_problems, refuse
-from pipeline.student.data import BlockOrder, RowReader, prefetched_windows
+from pipeline.student.data import (
+    BlockOrder,
+    RowReader,
+    distributed_share,
+    prefetched_windows,
+)
 
 
 def _checked_reader(store: str | Path, tokenized: str | Path, split: str) -> tuple[RowReader, dict]:
@@ -54,19 +59,6 @@ def _checked_reader(store: str | Path, tokenized: str | Path, split: str) -> tup
 
 def _row(data: dict[str, np.ndarray], i: int) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(a[i])) for name, a in data.items()}
-
-
-def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(rank, world size): as given, else torch.distributed's when initialised, else (0, 1)."""
-    dist = torch.distributed
-    live = dist.is_available() and dist.is_initialized()
-    if world_size is None:
-        world_size = dist.get_world_size() if live else 1
-    if rank is None:
-        rank = dist.get_rank() if live else 0
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    return rank, world_size
 
 
 class SoftLabelDataset(IterableDataset):
@@ -105,13 +97,13 @@ class SoftLabelDataset(IterableDataset):
         self.n_rows = len(self.reader.tokens())
         self.seed, self.buffer_chunks, self.epochs = seed, buffer_chunks, epochs
         self.shuffle, self.prefetch = shuffle, max(1, prefetch)
-        self.rank, self.world_size = _distributed(rank, world_size)
+        self.rank, self.world_size = distributed_share(rank, world_size)
 
     def with_ranks(self, rank: int, world_size: int) -> SoftLabelDataset:
         """A copy reading share `rank` of `world_size` (e.g. 0 of 1 where one process reads
         and dispatches batches to the others, as Hugging Face accelerate does)."""
         out = copy.copy(self)
-        out.rank, out.world_size = _distributed(rank, world_size)
+        out.rank, out.world_size = distributed_share(rank, world_size)
         return out
 
     def _order(self, slots: int) -> BlockOrder:
@@ -124,31 +116,27 @@ class SoftLabelDataset(IterableDataset):
             slots=slots,
         )
 
-    def read_window(self, blocks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return self.reader.read_ranges([self.order.block_range(int(b)) for b in blocks])
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         slots = self.world_size * workers
         slot = self.rank * workers + worker
-        self.order = self._order(slots)  # this process's copy (workers hold their own)
+        order = self._order(slots)
         if not self.shuffle:
             epoch = 0
             while self.epochs is None or epoch < self.epochs:
-                for block in range(slot, self.order.n_blocks, slots):
-                    _, data = self.reader.read_ranges([self.order.block_range(block)])
+                for block in range(slot, order.n_blocks, slots):
+                    _, data = self.reader.read_ranges([order.block_range(block)])
                     for i in range(len(data["input_ids"])):
                         yield _row(data, i)
                 epoch += 1
             return
-        passes = self.epochs
         rows_left = (
             None
-            if passes is None
-            else sum(self.order.slot_epoch_rows(e, slot) for e in range(passes))
+            if self.epochs is None
+            else sum(order.slot_epoch_rows(e, slot) for e in range(self.epochs))
         )
-        for local, data in prefetched_windows(self, slot, 0, self.prefetch):
+        for local, data in prefetched_windows(self.reader, order, slot, 0, self.prefetch):
             for i in local:
                 if rows_left is not None:
                     if rows_left == 0:

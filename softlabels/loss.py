@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pipeline.store.format import read_attrs, sampling_of
+from pipeline.store.format import LEGACY_SAMPLING, read_attrs, sampling_of
 from pipeline.student.losses import LossParts, check_options, classification_kd_loss
 from pipeline.student.trainer import LossSettings, batch_loss, check_loss_for_store
 
@@ -47,7 +47,7 @@ class DistillationLoss(nn.Module):
         loss: str = "kl",
         tail: str = "bucket",
         sample_weights: str = "empirical",
-        sampling: str = "iid",
+        sampling: str = LEGACY_SAMPLING,
     ) -> None:
         super().__init__()
         check_options(loss=loss, tail=tail, method=method, temperature=temperature)
@@ -78,10 +78,8 @@ class DistillationLoss(nn.Module):
             store=store,
             section="DistillationLoss",
         )
-        sampling = sampling_of(attrs)
-        return cls(
-            method=attrs["method"], **settings, **({"sampling": sampling} if sampling else {})
-        )
+        sampling = sampling_of(attrs) or LEGACY_SAMPLING  # topk stores: not used
+        return cls(method=attrs["method"], sampling=sampling, **settings)
 
     def forward(
         self,

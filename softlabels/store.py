@@ -18,11 +18,10 @@ from typing import Any
 
 from pipeline.classify.store import check_class_store, is_class_store, verify_class_store
 from pipeline.core.provenance import tokenizer_identity
-from pipeline.data.tokenized import load_tokenized
-from pipeline.store.format import StoreSpec, read_attrs
-from pipeline.store.integrity import check_integrity
+from pipeline.store.format import read_attrs
 from pipeline.store.labels import has_logprobs
-from pipeline.store.verify import compatibility_problems, refuse, verify_store
+from pipeline.store.verify import load_tokenizer_identity, verify_store
+from pipeline.student.data import check_store
 
 
 @dataclass(frozen=True)
@@ -101,28 +100,19 @@ class Store:
                 raise ValueError("checking a classification store needs corpus=LabeledCorpus")
             check_class_store(self.path, corpus)
             return self
-        identity = None
-        if tokenizer is not None:
-            if isinstance(tokenizer, (str, Path)):
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-            identity = tokenizer_identity(tokenizer)
-        fingerprints = None
-        if tokenized is not None:
-            names = list(self.splits)
-            fingerprints = load_tokenized(tokenized, names, missing_ok=True).fingerprints()
-        problems = compatibility_problems(
-            self.attrs,
+        if isinstance(tokenizer, (str, Path)):
+            identity = load_tokenizer_identity(tokenizer)
+        else:
+            identity = None if tokenizer is None else tokenizer_identity(tokenizer)
+        check_store(
+            self.path,
+            tokenized=tokenized,
             tokenizer_identity=identity,
-            dataset_fingerprints=fingerprints,
             vocab_size=vocab_size,
+            splits=list(self.splits),
+            purpose="use",
+            checksums=checksums,
         )
-        refuse(self.path, "use", problems)
-        if checksums:
-            check_integrity(
-                self.path, StoreSpec.from_attrs(self.attrs), self.attrs, list(self.splits)
-            )
         return self
 
     def verify(self, *, tokenizer: str | Path | None = None, tokenized: Any = None) -> list[str]:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import ConfigError, InputError
-from pipeline.store.format import METHODS, SAMPLINGS
+from pipeline.store.format import LEGACY_SAMPLING, METHODS, SAMPLINGS
 
 FORMAT_VERSION = 1
 """Version of how soft labels are computed (block sampling, ordering, tail); part of the
@@ -172,7 +172,7 @@ def shard_generator(seed: int, split: str, shard: int) -> torch.Generator:
 
 
 def draw_uniforms(
-    generator: torch.Generator, rows: int, k: int, sampling: str = "iid"
+    generator: torch.Generator, rows: int, k: int, sampling: str = LEGACY_SAMPLING
 ) -> torch.Tensor:
     """(rows, k) float64 points in [0, 1), ascending per row for `systematic`: the CDF
     positions of the next `rows` rows' draws in the shard's stream.

@@ -342,7 +342,7 @@ def _chunk_problems(
     return out
 
 
-def _load_tokenizer_identity(tokenizer: str | Path) -> dict[str, Any]:
+def load_tokenizer_identity(tokenizer: str | Path) -> dict[str, Any]:
     """`tokenizer_identity` of the tokenizer saved in folder `tokenizer`; InputError if unusable."""
     from transformers import AutoTokenizer  # heavy; only needed for this check
 
@@ -446,7 +446,7 @@ def verify_store(
         return problems
     spec = StoreSpec.from_attrs(attrs)
     # Load the optional inputs first: a bad path is a usage error, found before any hashing.
-    identity = _load_tokenizer_identity(tokenizer) if tokenizer is not None else None
+    identity = load_tokenizer_identity(tokenizer) if tokenizer is not None else None
     tok_splits = (
         load_tokenized(tokenized, spec.split_names(), missing_ok=True).splits
         if tokenized is not None

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,20 @@ def _take(it: Iterator[tuple[np.ndarray, Any]], n: int) -> Iterator[tuple[np.nda
         rows, key = next(it)
         yield rows[:n], key
         n -= len(rows[:n])
+
+
+def distributed_share(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size) of this reader: as given, else torch.distributed's when a process
+    group is initialised, else (0, 1), the whole split. ValueError for a rank outside it."""
+    dist = torch.distributed
+    live = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if live else 1
+    if rank is None:
+        rank = dist.get_rank() if live else 0
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return rank, world_size
 
 
 class RowReader:
@@ -271,10 +285,6 @@ class SoftLabelStream(IterableDataset):
         """`RowReader.read_labels` of this stream's store and split."""
         return self.reader.read_labels(start, stop)
 
-    def read_window(self, blocks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(sorted row ids, {name: rows}) of whole blocks: one chunk read per block and array."""
-        return self.reader.read_ranges([self.order.block_range(int(b)) for b in blocks])
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
@@ -290,7 +300,8 @@ class SoftLabelStream(IterableDataset):
         b = self.order.batch_size
         pieces: list[tuple[np.ndarray, dict]] = []
         have = 0
-        for local, data in prefetched_windows(self, slot, done * b, self.prefetch):
+        windows = prefetched_windows(self.reader, self.order, slot, done * b, self.prefetch)
+        for local, data in windows:
             pos = 0
             while pos < len(local):
                 take = local[pos : pos + b - have]
@@ -303,18 +314,18 @@ class SoftLabelStream(IterableDataset):
 
 
 def prefetched_windows(
-    source: Any, slot: int, start: int, prefetch: int
+    reader: RowReader, order: BlockOrder, slot: int, start: int, prefetch: int
 ) -> Iterator[tuple[np.ndarray, dict]]:
-    """(served row ids, window data indexed by those rows) of `slot` from its `start`-th row on,
-    read `prefetch` windows ahead in a background thread. `source` has `order` (a BlockOrder)
-    and `read_window(blocks)`."""
+    """(served row ids, window data indexed by those rows) of `slot` of `order` from its
+    `start`-th row on, each window's whole blocks read by `reader` (one chunk read per block
+    and array), `prefetch` windows ahead in a background thread."""
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for served, (_, _, blocks) in source.order.iter_rows(slot, start):
-                rows, data = source.read_window(blocks)
+            for served, (_, _, blocks) in order.iter_rows(slot, start):
+                rows, data = reader.read_ranges([order.block_range(int(b)) for b in blocks])
                 local = np.searchsorted(rows, served)  # (n,) positions in `data`
                 item = (local, data)
                 while not stop.is_set():
@@ -353,35 +364,46 @@ def _assemble(pieces: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> dict[st
 def check_store(
     store: str | Path,
     *,
-    tokenized: str | Path,
-    tokenizer_identity: dict[str, Any],
-    vocab_size: int,
+    tokenized: str | Path | None = None,
+    tokenizer_identity: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    splits: Sequence[str] = ("train",),
+    purpose: str = "train from",
+    checksums: bool = True,
 ) -> dict[str, Any]:
-    """The store's attributes, after refusing one unusable for this training run.
+    """The store's attributes, after refusing one this consumer must not use (by default: a
+    training run, which needs `train`).
 
-    Refused (StoreError naming every differing field and what to do): a missing or incomplete
-    store, one made with another tokenizer, one whose teacher vocabulary is not the student's
-    `vocab_size`, or one whose recorded input-id fingerprints differ from the tokenized
-    dataset's (every split both have; the store must have `train`). Then the train split's
-    arrays are checked against the attributes and every shard file against its recorded
-    sha256 (`pipeline.store.integrity.check_integrity`): a damaged store is refused here,
-    before the first step, not when training first reaches the damaged chunk.
+    Refused (StoreError naming every differing field and what to do, "refusing to `purpose`"):
+    a missing or incomplete store, one without each of `splits`, and, for the arguments given,
+    one made with another tokenizer, one whose teacher vocabulary is not the student's
+    `vocab_size`, or one whose recorded input-id fingerprints differ from the `tokenized`
+    dataset's (every split both have). Then, with `checksums`, the arrays of `splits` are
+    checked against the attributes and every shard file against its recorded sha256
+    (`pipeline.store.integrity.check_integrity`): a damaged store is refused here, before the
+    first step, not when training first reaches the damaged chunk.
     """
     attrs = read_attrs(store)
     store_splits = attrs.get("dataset", {}).get("splits", {})
-    problems = []
-    if "train" not in store_splits:
-        problems.append(
-            "dataset.splits.train is missing: the store has no training split; re-run "
-            "teacher_logits with a tokenized dataset that has one"
-        )
-    both = [s for s in SPLITS if s in store_splits]
+    problems = [
+        f"dataset.splits.{name} is missing: the store has no "
+        f"{'training' if name == 'train' else name} split; re-run teacher_logits with a "
+        "tokenized dataset that has one"
+        for name in splits
+        if name not in store_splits
+    ]
+    fingerprints = None
+    if tokenized is not None:
+        both = [s for s in SPLITS if s in store_splits]
+        fingerprints = load_tokenized(tokenized, both, missing_ok=True).fingerprints()
     problems += compatibility_problems(
         attrs,
         tokenizer_identity=tokenizer_identity,
-        dataset_fingerprints=load_tokenized(tokenized, both, missing_ok=True).fingerprints(),
+        dataset_fingerprints=fingerprints,
         vocab_size=vocab_size,
     )
-    refuse(store, "train from", problems)
-    check_integrity(store, StoreSpec.from_attrs(attrs), attrs, ["train"], purpose="train from")
+    refuse(store, purpose, problems)
+    if checksums:
+        spec = StoreSpec.from_attrs(attrs)
+        check_integrity(store, spec, attrs, list(splits), purpose=purpose)
     return attrs

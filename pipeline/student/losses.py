@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.store.format import METHODS, SAMPLINGS
+from pipeline.store.format import LEGACY_SAMPLING, METHODS, SAMPLINGS
 
 Loss = Literal["kl", "reverse_kl"]
 LOSSES: tuple[str, ...] = get_args(Loss)
@@ -171,7 +171,7 @@ def sampled_kd(
     entropy: Tensor | None = None,
     temperature: float = 1.0,
     weights: str = "empirical",
-    sampling: str = "iid",
+    sampling: str = LEGACY_SAMPLING,
     lse: Tensor | None = None,
 ) -> Tensor:
     """Per-position estimate of KL(p || q) from k teacher draws (module docstring).
@@ -289,7 +289,7 @@ def distillation_loss(
     tail: str = "bucket",
     method: str | None = None,
     sample_weights: str = "empirical",
-    sampling: str = "iid",
+    sampling: str = LEGACY_SAMPLING,
     ids: Tensor | None = None,
     logprobs: Tensor | None = None,
     tail_logmass: Tensor | None = None,

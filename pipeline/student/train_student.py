@@ -52,7 +52,7 @@ from pipeline.store.format import LEGACY_SAMPLING, read_attrs, sampling_of
 from pipeline.store.verify import abbreviate, content_sha256
 from pipeline.student import checkpoint as ckpt
 from pipeline.student import model as sm
-from pipeline.student.data import SoftLabelStream, check_store
+from pipeline.student.data import SoftLabelStream, check_store, distributed_share
 from pipeline.student.losses import Loss, SampleWeights, Tail
 from pipeline.student.trainer import LossSettings, StudentTrainer, check_loss_for_store
 
@@ -495,8 +495,7 @@ def _stream_args(
     """Keyword arguments of `SoftLabelStream` (without start_step): soft labels only when the
     loss uses them (a store and alpha > 0); under torch.distributed each rank its own blocks."""
     labels = cfg.teacher == "store" and cfg.alpha > 0
-    dist = torch.distributed
-    ranked = dist.is_available() and dist.is_initialized()
+    rank, world_size = distributed_share()
     return dict(
         tokenized=tokenized,
         batch_size=cfg.batch_size,
@@ -506,8 +505,8 @@ def _stream_args(
         buffer_chunks=cfg.buffer_chunks,
         num_workers=cfg.num_workers,
         prefetch=cfg.prefetch,
-        rank=dist.get_rank() if ranked else 0,
-        world_size=dist.get_world_size() if ranked else 1,
+        rank=rank,
+        world_size=world_size,
     )
 
 

@@ -25,6 +25,7 @@ import torch
 
 from pipeline.core.errors import ConfigError
 from pipeline.modeling.optim import adamw_with_schedule
+from pipeline.store.format import LEGACY_SAMPLING
 from pipeline.store.labels import has_logprobs
 from pipeline.student.losses import LossParts, distillation_loss, target_nll
 
@@ -51,7 +52,7 @@ class LossSettings:
     """Store method ('topk' or 'sample'); None with a live teacher or alpha = 0."""
     sample_weights: str = "empirical"
     """Estimator for sample stores (`pipeline.student.losses.SAMPLE_WEIGHTS`)."""
-    sampling: str = "iid"
+    sampling: str = LEGACY_SAMPLING
     """A sample store's `sampling` attribute (`pipeline.store.format.sampling_of`): the
     inclusion weights depend on it."""
 
