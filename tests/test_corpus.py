@@ -188,3 +188,64 @@ def test_unselected_and_misnamed_txt_files_are_counted_and_logged(tmp_path, capl
     }
     assert "2 .txt file(s) not read (language_not_selected): fr.txt, pt-BR.txt" in caplog.text
     assert "1 .txt file(s) not read (not_a_language_code): english.txt" in caplog.text
+
+
+@pytest.mark.parametrize("slice_bytes", [1, 7, 64, 1000])
+def test_any_slicing_reads_every_document_once_in_order(tmp_path, slice_bytes):
+    """Slices own the lines that start in their byte range (parquet: their row groups): read in
+    plan order they give the documents and skip counts of one whole-file read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.corpus import SliceReport, plan_slices, read_slice
+
+    long = "y" * 50
+    (tmp_path / "en.txt").write_bytes(
+        "\ufeffone\n\ntwo two\r\n".encode() + long.encode() + b"\n\xc3\n" + b"drei\nvier"
+    )
+    (tmp_path / "de.txt").write_text("eins\n\n\nzwei\n", "utf-8")
+    recs = [{"lang": g, "text": f"{g} record {i}"} for i in range(25) for g in ("en", "de", "fr")]
+    with open(tmp_path / "r.jsonl", "w") as f:
+        f.writelines(
+            json.dumps(r) + "\n" + ("\n" if i % 3 == 0 else "") for i, r in enumerate(recs)
+        )
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "r.parquet", row_group_size=4)
+    c = CorpusConfig(
+        path=str(tmp_path), languages=["en", "de"], max_doc_chars=20, on_invalid_utf8="skip"
+    )
+
+    def read(plan):
+        docs, skipped = [], {}
+        for piece in plan.slices:
+            rep = SliceReport()
+            docs += list(read_slice(c, piece, rep))
+            for lang, counts in rep.skipped.items():
+                for reason, n in counts.items():
+                    skipped[lang, reason] = skipped.get((lang, reason), 0) + n
+        return docs, skipped
+
+    whole = plan_slices(c)
+    sliced = plan_slices(c, slice_bytes)
+    assert len(sliced.slices) > len(whole.slices)
+    assert read(sliced) == read(whole)
+    docs, skipped = read(whole)
+    assert docs[:4] == [("de", "eins"), ("de", "zwei"), ("en", "one"), ("en", "two two")]
+    assert skipped[("en", "too_long")] == 1 and skipped[("en", "invalid_utf8")] == 1
+
+
+def test_invalid_utf8_in_a_later_slice_names_the_files_line(tmp_path):
+    from pipeline.data.corpus import SliceReport, plan_slices, read_slice
+
+    (tmp_path / "en.txt").write_bytes(
+        b"".join(b"line %d\n" % i for i in range(1, 40)) + b"bad \xff\n"
+    )
+    c = CorpusConfig(path=str(tmp_path), languages=["en"])
+    plan = plan_slices(c, 16)
+    with pytest.raises(InputError, match=r"en.txt:40: invalid UTF-8 at byte 4 of the line"):
+        for piece in plan.slices:
+            list(read_slice(c, piece, SliceReport()))
+    (tmp_path / "r.jsonl").write_bytes(b'{"lang": "en", "text": "a"}\n' * 30 + b"{oops\n")
+    (tmp_path / "en.txt").unlink()
+    with pytest.raises(InputError, match=r"r.jsonl:31: not valid JSON"):
+        for piece in plan_slices(c, 16).slices:
+            list(read_slice(c, piece, SliceReport()))

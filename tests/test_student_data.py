@@ -12,7 +12,6 @@ from pipeline.core.provenance import ids_fingerprint
 from pipeline.data.tokenized import load_tokenized
 from pipeline.student.data import BlockOrder, SoftLabelStream, check_store
 from tests.store_fixtures import (
-    SIZES,
     V,
     build_store,
     make_attrs,
@@ -98,15 +97,32 @@ def test_workers_and_resume_follow_the_pure_order(env):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ranks_read_disjoint_blocks(env):
-    n = SIZES["train"]
-    order = BlockOrder(n_rows=n, chunk_sequences=2, batch_size=1, seed=3, buffer_chunks=1, slots=2)
-    r0 = np.concatenate([order.batch_rows(s, rank=0) for s in range(4)])
-    r1 = np.concatenate([order.batch_rows(s, rank=1) for s in range(4)])
-    assert not set(r0.tolist()) & set(r1.tolist())
-    s0 = stream(env, batch_size=1, seed=3, buffer_chunks=1, rank=0, world_size=2)
-    got = np.concatenate([b["input_ids"].numpy() for b in take(s0, 4)])
-    assert np.array_equal(got, env["data"]["train"][0][r0])
+def test_ranks_take_disjoint_shares_of_the_one_process_batches(env):
+    """Two ranks, with and without workers and after a restart: at every step rank r gets rows
+    [2r, 2r + 2) of the batch one process gets (the global batch does not depend on the world
+    size), with their labels."""
+    tokens, ids = env["data"]["train"][:2]
+    for workers, start in ((0, 0), (2, 3)):
+        one = stream(env, batch_size=4, num_workers=workers, start_step=start)
+        ranks = [
+            stream(env, batch_size=4, num_workers=workers, start_step=start, rank=r, world_size=2)
+            for r in range(2)
+        ]
+        loaders = [DataLoader(s, batch_size=None, num_workers=workers) for s in (one, *ranks)]
+        whole, *shares = (take(loader, 5) for loader in loaders)
+        for step, batch in enumerate(whole, start):
+            rows = one.order.batch_rows(step, num_workers=workers)
+            assert np.array_equal(batch["input_ids"].numpy(), tokens[rows])
+            for r, share in enumerate(shares):
+                got = share[step - start]
+                assert np.array_equal(
+                    rows[2 * r : 2 * r + 2],
+                    one.order.batch_rows(step, num_workers=workers, rank=r, world_size=2),
+                )
+                assert all(torch.equal(got[k], batch[k][2 * r : 2 * r + 2]) for k in batch)
+                assert np.array_equal(got["ids"].numpy(), ids[rows[2 * r : 2 * r + 2]])
+    with pytest.raises(ValueError, match="batch_size 3 must be a multiple of world_size 2"):
+        stream(env, batch_size=3, rank=0, world_size=2)
 
 
 def test_too_many_readers_is_refused(env):

@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.capture.dask_runner import DaskConfig
 from pipeline.capture.teacher_logits import TeacherLogitsConfig, run_teacher_logits
+from pipeline.core.cluster import DaskConfig
 from pipeline.core.config import from_params, load_params
 from pipeline.core.errors import ConfigError, InputError, StoreError
 from pipeline.store.format import read_attrs

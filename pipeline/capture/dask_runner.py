@@ -1,10 +1,8 @@
 """Running teacher_logits shards on a Dask cluster: one task per shard, whole shards per worker.
 
-Cluster: `dask.scheduler_address` connects to a running scheduler (its workers must import this
-package and see the teacher, tokenized and work folders at the same paths: a shared filesystem).
-Otherwise a `distributed.LocalCluster` of `dask.n_workers` processes with one thread each is
-started; when the run is on CUDA, one worker per visible GPU (dask-cuda's LocalCUDACluster if it
-is installed, which pins CUDA_VISIBLE_DEVICES per worker; else worker i uses cuda:i).
+Cluster: `pipeline.core.cluster` (a running scheduler, or a local cluster; on CUDA one worker
+per visible GPU, and worker i uses cuda:i where dask-cuda does not pin devices). Workers must
+see the teacher, tokenized and work folders at the same paths (a shared filesystem).
 
 Each worker process loads the teacher and opens the tokenized dataset once (cached per process
 for the run's settings) and then runs `ShardRunner` on each shard it is given: it writes the
@@ -20,15 +18,14 @@ the next shard's compute, which other workers' compute hides.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from pipeline.capture.kernel import SoftLabelKernel
 from pipeline.capture.shards import Job, ShardRunner, build_kernel, load_teacher
 from pipeline.core.allocator import keep_freed_memory
-from pipeline.core.config import require
+from pipeline.core.cluster import DaskConfig, dask_client, map_ordered
 from pipeline.data.tokenized import TokenizedData, load_tokenized
 from pipeline.store.work import read_record
 
@@ -36,25 +33,6 @@ log = logging.getLogger(__name__)
 
 _CACHE: dict[tuple, tuple[SoftLabelKernel, TokenizedData]] = {}
 """Per worker process: the loaded teacher and data of the current run's settings."""
-
-
-@dataclass(frozen=True)
-class DaskConfig:
-    """Params section `teacher_logits.dask`: optional distributed execution."""
-
-    enabled: bool = False
-    """Run shards as Dask tasks instead of in this process."""
-    scheduler_address: str | None = None
-    """Address of a running scheduler (e.g. tcp://host:8786); null starts a local cluster."""
-    n_workers: int = 2
-    """Worker processes of the local cluster (CPU; with CUDA, one worker per visible GPU)."""
-
-    def __post_init__(self) -> None:
-        require(
-            self.n_workers >= 1,
-            "teacher_logits.dask.n_workers",
-            f"must be >= 1, got {self.n_workers}",
-        )
 
 
 def compute_shard(job: Job, split: str, shard: int, threads: int | None) -> dict[str, Any]:
@@ -112,52 +90,14 @@ def run_on_dask(
 ) -> None:
     """Compute `shards` on the cluster `dask` names or starts; raise the first task error
     (finished shards stay)."""
-    from distributed import Client, as_completed
-
-    cluster, threads = None, None
-    if dask.scheduler_address:
-        client = Client(dask.scheduler_address)
-        log.info("dask: connected to %s", dask.scheduler_address)
-    else:
-        cluster, threads = _local_cluster(job, dask.n_workers)
-        client = Client(cluster)
-    try:
-        futures = {}
-        for split, shard in shards:
-            start, stop = job.spec.shards(split)[shard]
-            tokens = (stop - start) * job.spec.split(split).seq_len
-            fut = client.submit(compute_shard, job, split, shard, threads, pure=False)
-            futures[fut] = tokens
-        try:
-            for fut in as_completed(list(futures)):
-                fut.result()
-                progress(futures[fut])
-        except BaseException:
-            client.cancel(list(futures))
-            raise
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
-def _local_cluster(job: Job, n_workers: int) -> tuple[Any, int | None]:
-    """A local cluster of processes; returns it and the torch threads per worker."""
-    from distributed import LocalCluster
-
-    common = {"threads_per_worker": 1, "dashboard_address": None, "silence_logs": logging.WARNING}
-    if job.device == "cuda":
-        import torch
-
-        gpus = torch.cuda.device_count()
-        try:
-            from dask_cuda import LocalCUDACluster
-
-            log.info("dask: LocalCUDACluster with %d workers (one per GPU)", gpus)
-            return LocalCUDACluster(n_workers=gpus, **common), None
-        except ImportError:
-            log.info("dask: LocalCluster with %d workers (one per GPU)", gpus)
-            return LocalCluster(n_workers=gpus, processes=True, **common), None
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
-    log.info("dask: LocalCluster with %d workers x %d torch threads", n_workers, threads)
-    return LocalCluster(n_workers=n_workers, processes=True, **common), threads
+    tokens = []
+    for split, shard in shards:
+        start, stop = job.spec.shards(split)[shard]
+        tokens.append((stop - start) * job.spec.split(split).seq_len)
+    with dask_client(dask, cuda=job.device == "cuda") as (client, threads):
+        map_ordered(
+            client,
+            compute_shard,
+            [(job, split, shard, threads) for split, shard in shards],
+            lambda i, _: progress(tokens[i]),
+        )

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.capture.dask_runner import DaskConfig, run_on_dask  # distributed: imported lazily
+from pipeline.capture.dask_runner import run_on_dask  # distributed: imported lazily
 from pipeline.capture.kernel import FORMAT_VERSION, Fidelity
 from pipeline.capture.shards import (
     CPU_STREAMS,
@@ -40,6 +40,7 @@ from pipeline.capture.shards import (
     load_teacher,
 )
 from pipeline.core.atomic import check_destinations
+from pipeline.core.cluster import DaskConfig
 from pipeline.core.config import require
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import ConfigError, InputError

@@ -40,6 +40,17 @@ keyed by everything that determines the weights, so another config never resumes
 the batch order is a pure function of (seed, step) (`pipeline.classify.student_data`), so a
 resumed CPU run ends with exactly the weights of an uninterrupted one. The output folder
 (save_pretrained + tokenizer + `softlabels.json`) appears all at once.
+
+Data-parallel (`processes` > 1, `pipeline.student.distributed`, as `train_student`): the stage
+runs as that many ranks under torch.distributed.run (the stage script relaunches itself, or the
+user starts torchrun), DDP with gloo on CPU and NCCL on CUDA. `batch_size` stays the global
+batch: every step, rank r trains on its contiguous share of the rows of the very batch one
+process would, padded as that whole batch is, and its loss is scaled so that DDP's gradient
+average is the gradient of the global batch's loss (`ClassifyTrainer.step`), so the weights
+equal a one-process run's up to float rounding. Rank 0 alone scores dev, keeps the best
+weights, logs, checkpoints and writes the outputs; the other ranks wait for it. Inputs, resume,
+every step's batch, each dev evaluation and rank 0's writes are agreed (`World.agree`), so an
+error on any rank stops every rank. The checkpoint key leaves the number of processes out.
 """
 
 from __future__ import annotations
@@ -76,7 +87,10 @@ from pipeline.modeling.llama import check_llama_sizes, llama_config
 from pipeline.modeling.optim import adamw_with_schedule, check_optimizer_params
 from pipeline.store.verify import abbreviate, content_sha256
 from pipeline.student import checkpoint as ckpt
+from pipeline.student import distributed as dp
 from pipeline.student import model as sm
+from pipeline.student.data import share_bounds
+from pipeline.student.distributed import World
 from pipeline.student.losses import classification_kd_loss
 
 log = logging.getLogger(__name__)
@@ -85,9 +99,11 @@ SECTION = "classify_student"
 """The params section (variants: `classify_students.<name>` overrides its keys)."""
 RECORD_FILE = "softlabels.json"
 """File in the student folder recording what it was trained from."""
-COSMETIC = ("checkpoint_every", "log_every", "eval_batch_size", "threads")
+COSMETIC = ("checkpoint_every", "log_every", "eval_batch_size", "threads", "processes")
 """Params that do not change the written weights (left out of the checkpoint key). Not
-`eval_every`: it decides which step's weights model selection keeps."""
+`eval_every`: it decides which step's weights model selection keeps. `processes`: every rank
+count trains the same global batches (the weights up to float rounding), and a checkpoint
+resumes under another."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +171,13 @@ class ClassifyStudentConfig:
     """CPU threads for torch; 0 keeps torch's default (all cores). A student this small gains
     little from a second thread, and on cores shared with other jobs 2 threads ran 2.6x slower
     than 1 (they wait for each other)."""
+    processes: int = 1
+    """Data-parallel processes (PyTorch DDP; gloo on CPU, NCCL on CUDA with one GPU each), as
+    `train_student.processes`: above 1 the stage script relaunches itself under
+    torch.distributed.run, or runs under a `torchrun --nproc-per-node` started with this same
+    number (else an error). batch_size stays the global batch and must be a multiple of it; the
+    weights equal one process's up to float rounding. Rank 0 scores dev and writes every
+    output."""
 
     def __post_init__(self) -> None:
         s = SECTION
@@ -168,7 +191,7 @@ class ClassifyStudentConfig:
         require(0.0 <= self.alpha <= 1.0, f"{s}.alpha", f"must be in [0, 1], got {self.alpha}")
         require(self.temperature > 0, f"{s}.temperature", f"must be > 0, got {self.temperature}")
         check_optimizer_params(s, self)
-        for key in ("max_length", "eval_batch_size", "log_every"):
+        for key in ("max_length", "eval_batch_size", "log_every", "processes"):
             value = getattr(self, key)
             require(value >= 1, f"{s}.{key}", f"must be >= 1, got {value}")
         for key in ("eval_every", "checkpoint_every", "threads"):
@@ -179,6 +202,13 @@ class ClassifyStudentConfig:
             f"{s}.rows",
             "gold samples the rows with gold labels, but alpha 0 never uses them; use rows: all "
             "(or alpha > 0)",
+        )
+        require(
+            self.batch_size % self.processes == 0,
+            f"{s}.batch_size",
+            f"{self.batch_size} is not a multiple of {s}.processes: {self.processes} (each "
+            "process trains on an equal share of every batch); use a multiple of "
+            f"{self.processes}",
         )
 
 
@@ -256,10 +286,22 @@ class StepResult:
 
 
 class ClassifyTrainer:
-    """Optimizer, schedule, step and dev scoring of one classification student."""
+    """Optimizer, schedule, step and dev scoring of one classification student.
+
+    Data-parallel (`distribute(world)` with more than one rank): the forward and backward run
+    through `DistributedDataParallel`, which averages the gradients over the ranks. Each rank's
+    batch is an equal share of the global batch; the KD term is a mean over its rows, so the
+    average of the shares' means is the global mean, but the CE term is a mean over the rows
+    with a gold label, whose count differs between shares: each rank divides its CE sum by the
+    global batch's gold rows over the world size (an all-reduce of the counts), so the averaged
+    gradient is the global batch's. `self.model` stays the plain module."""
 
     def __init__(self, model: Any, cfg: ClassifyStudentConfig, device: torch.device) -> None:
         self.model, self.cfg, self.device = model, cfg, device
+        self.world = World()
+        """The ranks this trainer trains with (`distribute`); one process by default."""
+        self.forward_model: torch.nn.Module = model
+        """What a training step runs: `model`, or its DDP wrapper on more than one rank."""
         self.optimizer, self.scheduler = adamw_with_schedule(
             model,
             learning_rate=cfg.learning_rate,
@@ -268,6 +310,18 @@ class ClassifyTrainer:
             steps=cfg.steps,
         )
 
+    def distribute(self, world: World) -> None:
+        """Train data-parallel over `world` from now on (nothing changes for one process):
+        wrap the model in DDP, whose construction is a collective (a broadcast of rank 0's
+        weights), so every rank calls this at the same point, outside any agreed phase, after
+        the ranks hold the same weights."""
+        self.world = world
+        if world.size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids
+            )
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA; nothing on CPU."""
         if self.device.type == "cuda":
@@ -275,32 +329,60 @@ class ClassifyTrainer:
         return contextlib.nullcontext()
 
     def step(self, batch: dict[str, torch.Tensor]) -> StepResult:
-        """One optimisation step on a `TrainingSet.batch`."""
-        self.model.train()
+        """One optimisation step on a `TrainingSet.batch` (on several ranks: this rank's share
+        of the global batch, `share`; every rank calls it)."""
+        self.forward_model.train()
         b = {k: v.to(self.device) for k, v in batch.items()}
         with self.autocast():
-            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        total, parts = classification_kd_loss(
-            logits.logits,  # (B, C)
-            b.get("teacher_logprobs"),  # (B, C) or None
-            b["gold"],  # (B,)
-            alpha=self.cfg.alpha,
-            temperature=self.cfg.temperature,
-        )
+            logits = self.forward_model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+            ).logits  # (B, C)
+        if self.world.size > 1:
+            total, ce, kd, gold_rows = self._share_loss(logits, b)
+        else:
+            total, parts = classification_kd_loss(
+                logits,  # (B, C)
+                b.get("teacher_logprobs"),  # (B, C) or None
+                b["gold"],  # (B,)
+                alpha=self.cfg.alpha,
+                temperature=self.cfg.temperature,
+            )
+            ce, kd, gold_rows = float(parts["ce"]), float(parts["kd"]), int(parts["gold_rows"])
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        total.backward()  # on several ranks DDP averages the gradients here
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
+        loss = float(total.detach())
+        if self.world.size > 1:  # the global batch's: the mean of the scaled shares' losses
+            loss = self.world.mean([loss])[0]
         return StepResult(
-            loss=float(total.detach()),
-            ce=float(parts["ce"]),
-            kd=float(parts["kd"]),
-            gold_rows=int(parts["gold_rows"]),
-            lr=float(lr),
-            grad_norm=float(norm),
+            loss=loss, ce=ce, kd=kd, gold_rows=gold_rows, lr=float(lr), grad_norm=float(norm)
         )
+
+    def _share_loss(
+        self, logits: torch.Tensor, b: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, float, float, int]:
+        """This rank's loss on its share (class docstring), whose mean over the ranks is the
+        global batch's loss: alpha * (CE sum / global gold rows) * world size + (1 - alpha) *
+        T^2 * KL (the share's mean); and the global batch's CE, KL and gold rows."""
+        alpha, t, size = self.cfg.alpha, self.cfg.temperature, self.world.size
+        ce_mean, parts = classification_kd_loss(
+            logits, None, b["gold"], alpha=1.0, temperature=t
+        )  # (the share's CE mean, with its graph)
+        local_gold = int(parts["gold_rows"])
+        global_gold = int(self.world.sum([local_gold])[0])
+        total = alpha * ce_mean * (local_gold * size / max(global_gold, 1))
+        kd = torch.zeros(())
+        if alpha < 1.0:
+            kd_total, kd_parts = classification_kd_loss(
+                logits, b["teacher_logprobs"], b["gold"], alpha=0.0, temperature=t
+            )  # T^2 * KL, the share's mean over its rows
+            total = total + (1.0 - alpha) * kd_total
+            kd = kd_parts["kd"]
+        ce_sum, kd_sum = self.world.sum([float(ce_mean.detach()) * local_gold, float(kd)])
+        return total, ce_sum / max(global_gold, 1), kd_sum / size, global_gold
 
     def predict(self, tokenizer: Any, texts: list[str]) -> np.ndarray:
         """(N,) int64 predicted class of each text, through `class_logprobs` (the function the
@@ -413,6 +495,36 @@ def _check_inputs(cfg: ClassifyStudentConfig, logits: Path | None, teacher: Path
             )
 
 
+def _resolve(cfg: ClassifyStudentConfig) -> torch.device:
+    return torch.device(resolve_device(cfg.device, "auto", section=SECTION)[0])
+
+
+def _check_request(
+    cfg: ClassifyStudentConfig, logits: Path | None, teacher: Path | None
+) -> torch.device:
+    """The checks that read only the params and the arguments (`_check_inputs`); the device."""
+    _check_inputs(cfg, logits, teacher)
+    return _resolve(cfg)
+
+
+def check_launch(cfg: ClassifyStudentConfig, *, logits: Path | None, teacher: Path | None) -> None:
+    """What the stage script checks before it starts `cfg.processes` ranks, so a request they
+    could not serve fails at once, not in every rank: the arguments the params need and, on
+    CUDA, one GPU per process (`dp.check_gpus`)."""
+    if _check_request(cfg, logits, teacher).type == "cuda":
+        dp.check_gpus(cfg.processes, section=SECTION)
+
+
+def share(batch: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
+    """This rank's contiguous share of the rows of a global `TrainingSet.batch` (all of it on
+    one process), padded as the whole batch is, so a row's tensors are the ones one process
+    trains on."""
+    if world.size == 1:
+        return batch
+    lo, hi = share_bounds(len(batch["gold"]), world.rank, world.size)
+    return {k: v[lo:hi] for k, v in batch.items()}
+
+
 def prepare(
     cfg: ClassifyStudentConfig,
     corpus_cfg: ClassifyCorpusConfig,
@@ -421,17 +533,19 @@ def prepare(
     tokenizer: Path,
     teacher: Path | None = None,
     corpus: LabeledCorpus | None = None,
+    device: torch.device | None = None,
 ) -> Setup:
     """Check every input, then build the student, trainer and data (no training).
 
     Refuses before any work: soft labels wanted without a store; layer init without a teacher;
     a store that does not match the corpus (other label set, rows, texts; incomplete or damaged:
     `check_class_store`, run whenever a store is given); no training row to sample.
+    `device`: this rank's, as `dp.join` gives it (default: the one the params ask for).
     """
     _check_inputs(cfg, logits, teacher)
     corpus = corpus if corpus is not None else read_labeled_corpus(corpus_cfg)
     attrs = check_class_store(logits, corpus) if logits is not None else None
-    device = torch.device(resolve_device(cfg.device, "auto", section=SECTION)[0])
+    device = device if device is not None else _resolve(cfg)
     tok = _load_tokenizer(tokenizer)
     labeled = list(corpus_cfg.labeled_languages)
     train = corpus.splits["train"]
@@ -546,8 +660,16 @@ def run_classify_student(
     name: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the stage (module docstring); return the metrics it writes to `metrics`."""
-    check_destinations(out, metrics, checkpoints, live_dir)  # fail now, not after the work
+    """Run the stage (module docstring) in this process; return the metrics rank 0 writes to
+    `metrics` (every rank returns them).
+
+    With `cfg.processes` 1 this is the whole run. Above 1 this process must be one rank of a
+    torchrun with as many processes (the stage script starts one: `pipeline.stages.
+    classify_student`); otherwise a ConfigError naming `classify_student.processes`."""
+    device = dp.same_on_every_rank(lambda: _check_request(cfg, logits, teacher))
+    if cfg.processes == 1:  # fail now, not after the work (several ranks: rank 0, in `_run`)
+        check_destinations(out, metrics, checkpoints, live_dir)
+    world, device = dp.join(cfg.processes, device, section=SECTION)
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -555,6 +677,8 @@ def run_classify_student(
         return _run(
             cfg,
             corpus_cfg,
+            world=world,
+            device=device,
             logits=logits,
             tokenizer=tokenizer,
             out=Path(out),
@@ -567,12 +691,15 @@ def run_classify_student(
         )
     finally:
         torch.set_num_threads(threads_before)
+        world.close()
 
 
 def _run(
     cfg: ClassifyStudentConfig,
     corpus_cfg: ClassifyCorpusConfig,
     *,
+    world: World,
+    device: torch.device,
     logits: Path | None,
     tokenizer: Path,
     out: Path,
@@ -583,25 +710,41 @@ def _run(
     name: str | None,
     progress: bool,
 ) -> dict[str, Any]:
+    """The run of `run_classify_student` on this rank of `world` (every rank calls it)."""
     from tqdm.auto import tqdm
 
-    setup = prepare(cfg, corpus_cfg, logits=logits, tokenizer=tokenizer, teacher=teacher)
+    def checked_setup() -> Setup:
+        if world.size > 1 and world.is_main:  # the only writer: fail now, not after the work
+            check_destinations(out, metrics, checkpoints, live_dir)
+        return prepare(
+            cfg, corpus_cfg, logits=logits, tokenizer=tokenizer, teacher=teacher, device=device
+        )
+
+    setup = world.agree(checked_setup)
     trainer, data, dev = setup.trainer, setup.data, setup.dev
     pad_id = int(setup.tokenizer.pad_token_id)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log.info("classify student %s: %d parameters on %s", name or "-", n_params, setup.device)
+    if world.size > 1:
+        log.info("data-parallel: %d processes", world.size)
     log.info("learning from %s", describe_source(setup.record))
     work = checkpoints / setup.key
-    state = ckpt.resume(work, lambda s: _restore(trainer, s))
+
+    def apply(state: dict[str, Any]) -> None:
+        _restore(trainer, state)
+
+    state = dp.resume_on_main(world, lambda: ckpt.resume(work, apply), apply)
+    trainer.distribute(world)  # DDP, now that every rank holds the same weights
     start, examples, seconds = 0, 0, 0.0
     best: dict[str, Any] = {"selection": -1.0, "step": 0, "scores": None, "weights": None}
     clock = {"eval": 0.0}  # seconds spent scoring dev
     if state is not None:
         start, examples, seconds = int(state["step"]), int(state["examples"]), state["seconds"]
         best, clock["eval"] = state["best"], float(state["eval_seconds"])
-    curves = Curves(live_dir, start, state.get("curves") if state else None)
+    saved_curves = state.get("curves") if state else None
+    curves = world.on_main(lambda: Curves(live_dir, start, saved_curves))
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> None:  # rank 0 only: it alone keeps the best weights
         t0 = time.perf_counter()
         scores = dev.score(trainer.predict(setup.tokenizer, dev.texts))
         clock["eval"] += time.perf_counter() - t0
@@ -613,15 +756,38 @@ def _run(
             weights = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
             best.update(selection=scores["selection"], step=step, scores=scores, weights=weights)
 
+    def save_checkpoint(step: int, examples: int, seconds: float) -> None:
+        world.on_main(  # rank 0 only: it alone holds the curves and the best weights
+            lambda: ckpt.save(
+                work,
+                {
+                    "step": step,
+                    "examples": examples,
+                    "seconds": seconds,
+                    "trainer": trainer.state_dict(),
+                    "rng": ckpt.rng_state(),
+                    "curves": curves.snapshot(),
+                    "best": best,
+                    "eval_seconds": clock["eval"],
+                },
+            )
+        )
+
     bar = tqdm(
-        total=cfg.steps, initial=start, desc="classify student", unit="step", disable=not progress
+        total=cfg.steps,
+        initial=start,
+        desc="classify student",
+        unit="step",
+        disable=not (progress and world.is_main),
     )
     last: StepResult | None = None
     window_examples, window_time = 0, 0.0
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            batch = data.batch(step, cfg.batch_size, cfg.seed, pad_id)
+            batch = world.agree(  # a failure on any rank stops every rank
+                lambda: share(data.batch(step, cfg.batch_size, cfg.seed, pad_id), world)  # noqa: B023
+            )
             last = trainer.step(batch)
             dt = time.perf_counter() - t0
             examples += cfg.batch_size
@@ -630,92 +796,85 @@ def _run(
             window_time += dt
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                curves.log(
-                    done,
-                    {
-                        "train/loss": last.loss,
-                        "train/ce": last.ce,
-                        "train/kd": last.kd,
-                        "train/lr": last.lr,
-                        "train/examples_per_s": window_examples / max(window_time, 1e-9),
-                    },
-                )
+                values = {
+                    "train/loss": last.loss,
+                    "train/ce": last.ce,
+                    "train/kd": last.kd,
+                    "train/lr": last.lr,
+                    "train/examples_per_s": window_examples / max(window_time, 1e-9),
+                }
+                world.on_main(lambda: curves.log(done, values))  # noqa: B023
                 window_examples, window_time = 0, 0.0
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                evaluate(done)
+                world.on_main(lambda: evaluate(done))  # noqa: B023
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                ckpt.save(
-                    work,
-                    {
-                        "step": done,
-                        "examples": examples,
-                        "seconds": seconds,
-                        "trainer": trainer.state_dict(),
-                        "rng": ckpt.rng_state(),
-                        "curves": curves.snapshot(),
-                        "best": best,
-                        "eval_seconds": clock["eval"],
-                    },
-                )
+                save_checkpoint(done, examples, seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{last.loss:.3f}", dev=f"{max(best['selection'], 0):.3f}")
     finally:
         bar.close()
-    curves.end()
-    trainer.model.load_state_dict(best["weights"])
-    scores = best["scores"]
-    record = {
-        **setup.record,
-        "student": name,
-        "selection": {
-            "on": _selection_rule(cfg),
-            "step": best["step"],
-            "accuracy": best["selection"],
-        },
-        SECTION: to_dict(cfg),
-        "classify_corpus": to_dict(corpus_cfg),
-        "softlabels_version": pipeline.__version__,
-    }
-    with atomic_dir(out) as tmp:
-        trainer.model.save_pretrained(tmp)
-        setup.tokenizer.save_pretrained(tmp)
-        write_json(tmp / RECORD_FILE, record)
-    result = {
-        "student": name,
-        "dev_accuracy": scores["accuracy"],
-        "dev_accuracy_labeled": scores["accuracy_labeled"],
-        "dev_accuracy_unlabeled": scores["accuracy_unlabeled"],
-        "dev_accuracy_per_language": scores["per_language"],
-        "selection_accuracy": best["selection"],
-        "selected_on": _selection_rule(cfg),
-        "best_step": best["step"],
-        "steps": cfg.steps,
-        "resumed_from_step": start,
-        "parameters": n_params,
-        "train_examples": examples,
-        "train_seconds": seconds,
-        "train_examples_per_s": examples / max(seconds, 1e-9),
-        "eval_seconds": clock["eval"],
-        "final": None
-        if last is None
-        else {"loss": last.loss, "ce": last.ce, "kd": last.kd, "lr": last.lr},
-        "alpha": cfg.alpha,
-        "temperature": cfg.temperature,
-        "gold_languages": cfg.gold_languages,
-        "rows": cfg.rows,
-        "soft_labels": bool(setup.record.get("soft_labels")),
-    }
-    write_json(metrics, result)
-    ckpt.remove(work)
-    log.info(
-        "dev accuracy %.3f (labeled %s, unlabeled %s) at step %d; student written to %s",
-        scores["accuracy"],
-        _fmt(scores["accuracy_labeled"]),
-        _fmt(scores["accuracy_unlabeled"]),
-        best["step"],
-        out,
-    )
-    return result
+
+    def write_outputs() -> dict[str, Any]:  # rank 0 only
+        curves.end()
+        trainer.model.load_state_dict(best["weights"])
+        scores = best["scores"]
+        record = {
+            **setup.record,
+            "student": name,
+            "selection": {
+                "on": _selection_rule(cfg),
+                "step": best["step"],
+                "accuracy": best["selection"],
+            },
+            SECTION: dp.recorded_params(cfg),
+            "classify_corpus": to_dict(corpus_cfg),
+            "softlabels_version": pipeline.__version__,
+        }
+        with atomic_dir(out) as tmp:
+            trainer.model.save_pretrained(tmp)
+            setup.tokenizer.save_pretrained(tmp)
+            write_json(tmp / RECORD_FILE, record)
+        result = {
+            "student": name,
+            "dev_accuracy": scores["accuracy"],
+            "dev_accuracy_labeled": scores["accuracy_labeled"],
+            "dev_accuracy_unlabeled": scores["accuracy_unlabeled"],
+            "dev_accuracy_per_language": scores["per_language"],
+            "selection_accuracy": best["selection"],
+            "selected_on": _selection_rule(cfg),
+            "best_step": best["step"],
+            "steps": cfg.steps,
+            "resumed_from_step": start,
+            "parameters": n_params,
+            "train_examples": examples,
+            "train_seconds": seconds,
+            "train_examples_per_s": examples / max(seconds, 1e-9),
+            "eval_seconds": clock["eval"],
+            "final": None
+            if last is None
+            else {"loss": last.loss, "ce": last.ce, "kd": last.kd, "lr": last.lr},
+            "alpha": cfg.alpha,
+            "temperature": cfg.temperature,
+            "gold_languages": cfg.gold_languages,
+            "rows": cfg.rows,
+            "soft_labels": bool(setup.record.get("soft_labels")),
+        }
+        if world.size > 1:  # a one-process run's metrics stay as they were
+            result["processes"] = world.size
+        write_json(metrics, result)
+        ckpt.remove(work)
+        log.info(
+            "dev accuracy %.3f (labeled %s, unlabeled %s) at step %d; student written to %s",
+            scores["accuracy"],
+            _fmt(scores["accuracy_labeled"]),
+            _fmt(scores["accuracy_unlabeled"]),
+            best["step"],
+            out,
+        )
+        return result
+
+    # every rank waits for rank 0's writes to succeed, and returns its metrics
+    return world.broadcast(world.on_main(write_outputs))
 
 
 def _restore(trainer: ClassifyTrainer, state: dict[str, Any]) -> None:

@@ -92,10 +92,24 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
 
 def ids_fingerprint(ids: np.ndarray) -> str:
     """sha256 of an (N, L) token-id array's shape, dtype and little-endian bytes."""
-    arr = np.ascontiguousarray(ids, dtype=np.dtype("<i4"))
-    h = hashlib.sha256(f"int32{arr.shape}".encode())
-    h.update(arr.reshape(-1).view(np.uint8))  # zero-copy; also fine for an empty (0, L) array
+    h = IdsHasher(ids.shape)
+    h.update(ids)
     return h.hexdigest()
+
+
+class IdsHasher:
+    """`ids_fingerprint` of an array of `shape` fed in row blocks (a split too large to hold)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._h = hashlib.sha256(f"int32{tuple(int(n) for n in shape)}".encode())
+
+    def update(self, rows: np.ndarray) -> None:
+        """Add the next rows ((n, L) token ids)."""
+        arr = np.ascontiguousarray(rows, dtype=np.dtype("<i4"))
+        self._h.update(arr.reshape(-1).view(np.uint8))  # zero-copy; fine for an empty block
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 PROVENANCE_KEYS: tuple[str, ...] = ("name", "sha256", "architecture")

@@ -165,82 +165,248 @@ def document_skip_reason(text: str, max_doc_chars: int | None) -> str | None:
     return None
 
 
-def read_corpus(cfg: CorpusConfig) -> Documents:
-    """Read every selected language's documents and split them (see module docstring).
-    Documents longer than `cfg.max_doc_chars` characters are left out, counted as `too_long`."""
-    max_doc_chars = cfg.max_doc_chars
+@dataclass(frozen=True)
+class CorpusSlice:
+    """A piece of one corpus file that can be read on its own (a task of the tokenize stage).
+
+    `.txt` and `.jsonl` files are cut at byte offsets: a slice owns the lines that *start* in
+    [start, stop) (the usual split rule: a slice skips the line it begins inside of, and reads
+    on past `stop` to finish its last line), so any slicing reads every line exactly once.
+    `.parquet` files are cut at row groups [start, stop). Reading slices in `plan_slices` order
+    gives the documents in corpus order.
+    """
+
+    path: str
+    """The file."""
+    lang: str | None
+    """The language of a `<lang>.txt` file; None for record files (each record has its own)."""
+    start: int
+    """First byte (`.txt`, `.jsonl`) or row group (`.parquet`)."""
+    stop: int
+    """End byte or row group (exclusive)."""
+
+
+@dataclass(frozen=True)
+class CorpusPlan:
+    """The corpus's data files cut into slices, and the `.txt` files that are not read."""
+
+    root: Path
+    slices: list[CorpusSlice]
+    """Every slice, `.txt` files first (sorted), then record files (sorted)."""
+    files_skipped: dict[str, list[str]]
+    """reason (FILE_SKIP_REASONS) -> `.txt` files of the corpus folder left unread."""
+    text_languages: frozenset[str]
+    """Selected languages that have a `<lang>.txt` file."""
+    has_records: bool
+    """Whether there are `.jsonl` / `.parquet` files (languages known only once read)."""
+
+
+def plan_slices(cfg: CorpusConfig, slice_bytes: int | None = None) -> CorpusPlan:
+    """List the corpus's data files and cut them into slices of about `slice_bytes` bytes (None:
+    one slice per file). Raises InputError for a missing path, a folder without data files, an
+    empty record file, or (when there are no record files) a selected language without data."""
     root = Path(cfg.path)
     if not root.exists():
         raise InputError(f"corpus.path: {root} does not exist (set corpus.path in params.yaml)")
-    selected = set(cfg.languages)
-    raw: dict[str, list[str]] = {lang: [] for lang in cfg.languages}
-    skipped: dict[str, Counter] = {lang: Counter() for lang in cfg.languages}
-    sources: dict[str, list[str]] = {lang: [] for lang in cfg.languages}
-    other_langs: Counter = Counter()
-    files_skipped: dict[str, list[str]] = {r: [] for r in FILE_SKIP_REASONS}
-
     if root.is_file():
+        if root.suffix not in (".jsonl", ".parquet"):
+            raise InputError(f"corpus.path: {root} must be a folder, a .jsonl or a .parquet file")
         record_files, text_files = [root], []
     else:
         record_files = sorted(p for p in root.iterdir() if p.suffix in (".jsonl", ".parquet"))
         text_files = sorted(p for p in root.iterdir() if p.suffix == ".txt")
-    if root.is_file() and root.suffix not in (".jsonl", ".parquet"):
-        raise InputError(f"corpus.path: {root} must be a folder, a .jsonl or a .parquet file")
     if not record_files and not text_files:
         raise InputError(f"corpus.path: {root} holds no <lang>.txt, .jsonl or .parquet files")
-
+    selected = set(cfg.languages)
+    files_skipped: dict[str, list[str]] = {r: [] for r in FILE_SKIP_REASONS}
+    slices: list[CorpusSlice] = []
+    langs: set[str] = set()
     for path in text_files:
         lang = path.stem
         if not LANG_CODE.match(lang):
             files_skipped["not_a_language_code"].append(str(path))
-            continue
-        if lang not in selected:
+        elif lang not in selected:
             files_skipped["language_not_selected"].append(str(path))
-            continue
-        raw[lang].extend(_read_text_lines(path, cfg.on_invalid_utf8, skipped[lang], max_doc_chars))
-        sources[lang].append(str(path))
+        else:
+            langs.add(lang)
+            slices += _byte_slices(path, lang, slice_bytes)
     _log_skipped_files(root, files_skipped)
     for path in record_files:
-        for lang, text in _read_records(path):
-            if lang not in selected:
-                other_langs[lang] += 1
-                continue
-            text = text.strip()
-            reason = document_skip_reason(text, max_doc_chars)
-            if reason is not None:
-                skipped[lang][reason] += 1
-                continue
-            raw[lang].append(text)
-            if str(path) not in sources[lang]:
-                sources[lang].append(str(path))
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: file is empty; add records or remove it")
+        if path.suffix == ".parquet":
+            groups = _parquet_row_groups(path)
+            step = max(
+                1, len(groups) if slice_bytes is None else _groups_per_slice(path, slice_bytes)
+            )
+            slices += [
+                CorpusSlice(str(path), None, g, min(g + step, len(groups)))
+                for g in range(0, max(len(groups), 1), step)
+            ]
+        else:
+            slices += _byte_slices(path, None, slice_bytes)
+    plan = CorpusPlan(root, slices, files_skipped, frozenset(langs), bool(record_files))
+    if not plan.has_records:
+        check_languages_found(cfg, plan, langs)
+    return plan
 
-    missing = [lang for lang in cfg.languages if not sources[lang]]
+
+def check_languages_found(cfg: CorpusConfig, plan: CorpusPlan, found: set[str]) -> None:
+    """InputError naming every selected language with no data file or record."""
+    missing = [lang for lang in cfg.languages if lang not in found]
     if missing:
+        root = plan.root
         where = f"{root}/<lang>.txt" if root.is_dir() else str(root)
         raise InputError(
             f"corpus.languages: no data for {', '.join(missing)} (looked for {where} and "
             f"records with that `lang` in {root}); add the data or remove the language"
         )
 
+
+def _byte_slices(path: Path, lang: str | None, slice_bytes: int | None) -> list[CorpusSlice]:
+    size = path.stat().st_size
+    step = max(size, 1) if slice_bytes is None else slice_bytes
+    return [
+        CorpusSlice(str(path), lang, a, min(a + step, size)) for a in range(0, max(size, 1), step)
+    ]
+
+
+def _parquet_row_groups(path: Path) -> list[int]:
+    """Rows per row group of a parquet file; InputError if it is not readable parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as e:
+        raise _not_parquet(path, e) from None
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def _groups_per_slice(path: Path, slice_bytes: int) -> int:
+    groups = max(len(_parquet_row_groups(path)), 1)
+    return max(1, int(groups * slice_bytes // max(path.stat().st_size, 1)))
+
+
+def _not_parquet(path: Path, e: BaseException) -> InputError:
+    return InputError(
+        f"{path}: not a readable parquet file ({first_line(e)}); rewrite it (for example with "
+        "pyarrow.parquet.write_table) or remove it"
+    )
+
+
+@dataclass
+class SliceReport:
+    """What reading one slice left out, and what it found (merged over slices by the caller)."""
+
+    skipped: dict[str, Counter] = field(default_factory=dict)
+    """lang -> reason -> lines or records left out (selected languages)."""
+    other_languages: Counter = field(default_factory=Counter)
+    """lang -> records of languages not selected."""
+    has_content: bool = False
+    """(`.txt`) Whether the slice had a non-blank line (a file with none is an error)."""
+    languages: set[str] = field(default_factory=set)
+    """(records) Selected languages with at least one document in the slice."""
+
+
+def read_slice(
+    cfg: CorpusConfig, piece: CorpusSlice, report: SliceReport
+) -> Iterator[tuple[str, str]]:
+    """(lang, document) for every document of `piece`, in file order; every line or record
+    left out is counted in `report` under its reason (see module docstring)."""
+    selected = set(cfg.languages)
+    path = Path(piece.path)
+    if piece.lang is not None:
+        counts = report.skipped.setdefault(piece.lang, Counter())
+        for text in _iter_text_docs(path, cfg, counts, report, piece.start, piece.stop):
+            yield piece.lang, text
+        return
+    for where, rec in iter_records(path, required=("lang", "text"), part=(piece.start, piece.stop)):
+        lang, text = _check_record(path, where, rec.get("lang"), rec.get("text"))
+        if lang not in selected:
+            report.other_languages[lang] += 1
+            continue
+        text = text.strip()
+        reason = document_skip_reason(text, cfg.max_doc_chars)
+        if reason is not None:
+            report.skipped.setdefault(lang, Counter())[reason] += 1
+            continue
+        report.languages.add(lang)
+        yield lang, text
+
+
+def merge_reports(
+    cfg: CorpusConfig, plan: CorpusPlan, reports: list[SliceReport]
+) -> tuple[dict[str, Counter], Counter, dict[str, list[str]]]:
+    """Merge the slices' reports (in plan order): (skipped per selected language, records of other
+    languages, sources per language). Raises InputError for a `.txt` file without a non-blank
+    line and for a selected language with no data."""
+    skipped: dict[str, Counter] = {lang: Counter() for lang in cfg.languages}
+    other: Counter = Counter()
+    sources: dict[str, list[str]] = {lang: [] for lang in cfg.languages}
+    content: dict[str, bool] = {}
+    for piece, rep in zip(plan.slices, reports, strict=True):
+        for lang, counts in rep.skipped.items():
+            skipped[lang].update(counts)
+        other.update(rep.other_languages)
+        if piece.lang is not None:
+            content[piece.path] = content.get(piece.path, False) or rep.has_content
+            if piece.path not in sources[piece.lang]:
+                sources[piece.lang].append(piece.path)
+        for lang in sorted(rep.languages):
+            if piece.path not in sources[lang]:
+                sources[lang].append(piece.path)
+    for path, has in content.items():
+        if not has:
+            raise InputError(f"{path}: file is empty; add documents (one per line) or remove it")
+    check_languages_found(cfg, plan, {lang for lang, src in sources.items() if src})
+    return skipped, other, sources
+
+
+def skip_table(
+    cfg: CorpusConfig, skipped: dict[str, Counter], other: Counter
+) -> dict[str, dict[str, int]]:
+    """lang -> every reason of SKIP_REASONS -> count, for the selected languages and for the
+    other languages records were found in (`language_not_selected`)."""
+    result = {lang: {r: skipped[lang][r] for r in SKIP_REASONS} for lang in cfg.languages}
+    for lang, n in other.items():
+        result.setdefault(lang, {r: 0 for r in SKIP_REASONS})["language_not_selected"] = n
+    return result
+
+
+def read_corpus(cfg: CorpusConfig) -> Documents:
+    """Read every selected language's documents and split them (see module docstring), all in
+    memory (the builtin teacher's training; the tokenize stage streams `plan_slices` instead).
+    Documents longer than `cfg.max_doc_chars` characters are left out, counted as `too_long`."""
+    plan = plan_slices(cfg)
+    raw: dict[str, list[str]] = {lang: [] for lang in cfg.languages}
+    reports = []
+    for piece in plan.slices:
+        reports.append(SliceReport())
+        for lang, text in read_slice(cfg, piece, reports[-1]):
+            raw[lang].append(text)
+    skipped, other, sources = merge_reports(cfg, plan, reports)
     train: dict[str, list[str]] = {}
     validation: dict[str, list[str]] = {}
     for lang in cfg.languages:
         docs = _dedupe(raw[lang], skipped[lang])
         if not docs:
-            raise InputError(
-                f"corpus.languages: {lang!r} has no usable documents in "
-                f"{', '.join(sources[lang])} (skipped: {dict(skipped[lang])})"
-            )
+            raise no_usable_documents(lang, sources[lang], skipped[lang])
         train[lang], validation[lang] = split_documents(lang, docs, cfg.validation_fraction)
-    result = {lang: {r: skipped[lang][r] for r in SKIP_REASONS} for lang in cfg.languages}
-    for lang, n in other_langs.items():
-        result.setdefault(lang, {r: 0 for r in SKIP_REASONS})["language_not_selected"] = n
     return Documents(
         train=train,
         validation=validation,
-        skipped=result,
+        skipped=skip_table(cfg, skipped, other),
         sources=sources,
-        files_skipped=files_skipped,
+        files_skipped=plan.files_skipped,
+    )
+
+
+def no_usable_documents(lang: str, sources: list[str], skipped: Counter) -> InputError:
+    """The error for a selected language all of whose lines or records were left out."""
+    return InputError(
+        f"corpus.languages: {lang!r} has no usable documents in "
+        f"{', '.join(sources)} (skipped: {dict(skipped)})"
     )
 
 
@@ -292,26 +458,32 @@ def _dedupe(docs: list[str], skipped: Counter) -> list[str]:
     return out
 
 
-def _read_text_lines(
-    path: Path, on_invalid: str, skipped: Counter, max_doc_chars: int | None = None
-) -> list[str]:
-    """Documents of a <lang>.txt file: one per line, stripped, skips counted in `skipped`."""
+def _iter_text_docs(
+    path: Path,
+    cfg: CorpusConfig,
+    skipped: Counter,
+    report: SliceReport,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[str]:
+    """Documents of the lines of a <lang>.txt file that start in [start, stop): stripped,
+    skips counted in `skipped`; `report.has_content` set if any line is not blank."""
+    max_doc_chars = cfg.max_doc_chars
     max_bytes = None if max_doc_chars is None else 4 * max_doc_chars
-    docs = []
-    has_content = False
     with open(path, "rb") as f:
-        for lineno, line in enumerate(_iter_lines(f, max_bytes), start=1):
+        for lineno, line in enumerate(_iter_lines(f, max_bytes, start, stop), start=1):
             if line is None:
-                has_content = True
+                report.has_content = True
                 skipped["too_long"] += 1
                 continue
-            has_content = has_content or bool(line.strip())
+            report.has_content = report.has_content or bool(line.strip())
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
-                if on_invalid == "skip":
+                if cfg.on_invalid_utf8 == "skip":
                     skipped["invalid_utf8"] += 1
                     continue
+                lineno += _lines_before(path, start)
                 raise InputError(
                     f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line ({e.reason}); "
                     "fix the file, or set corpus.on_invalid_utf8: skip to skip such lines"
@@ -321,72 +493,87 @@ def _read_text_lines(
             if reason is not None:
                 skipped[reason] += 1
                 continue
-            docs.append(text.lstrip("\ufeff"))
-    if not has_content:
-        raise InputError(f"{path}: file is empty; add documents (one per line) or remove it")
-    return docs
+            yield text.lstrip("\ufeff")
 
 
-def _iter_lines(f: BinaryIO, max_bytes: int | None) -> Iterator[bytes | None]:
-    """The lines of a binary file without their newline; None for a line of more than
-    `max_bytes` bytes, whose rest is read past in READ_BLOCK pieces (never held whole)."""
-    while True:
+def _lines_before(path: Path, start: int) -> int:
+    """Lines that start before the first line a slice starting at byte `start` owns (for
+    1-based line numbers in its errors): the newlines before `start`, plus the line `start`
+    falls inside of, which the slice leaves to the one before it."""
+    count = 0
+    with open(path, "rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            count += f.read(1) != b"\n"
+            f.seek(0)
+        left = start
+        while left > 0:
+            block = f.read(min(READ_BLOCK, left))
+            if not block:
+                break
+            count += block.count(b"\n")
+            left -= len(block)
+    return count
+
+
+def _iter_lines(
+    f: BinaryIO, max_bytes: int | None, start: int = 0, stop: int | None = None
+) -> Iterator[bytes | None]:
+    """The lines of a binary file that start in [start, stop), without their newline; None for
+    a line of more than `max_bytes` bytes, whose rest is read past in READ_BLOCK pieces (never
+    held whole). A slice starting inside a line leaves that line to the slice before it."""
+    pos = start
+    f.seek(start)
+    if start > 0:
+        f.seek(start - 1)
+        if f.read(1) != b"\n":  # inside a line: it belongs to the previous slice
+            while (rest := f.readline(READ_BLOCK)) and not rest.endswith(b"\n"):
+                pos += len(rest)
+            pos += len(rest)
+    while stop is None or pos < stop:
         line = f.readline() if max_bytes is None else f.readline(max_bytes + 1)
         if not line:
             return
+        pos += len(line)
         if line.endswith(b"\n"):
             yield line[:-1]
         elif max_bytes is None or len(line) <= max_bytes:
             yield line  # the last line, without a final newline
         else:
             while (rest := f.readline(READ_BLOCK)) and not rest.endswith(b"\n"):
-                pass
+                pos += len(rest)
+            pos += len(rest)
             yield None
 
 
-def _read_records(path: Path) -> list[tuple[str, str]]:
-    """(lang, text) pairs of a .jsonl or .parquet file, with errors naming file and line/row."""
-    return [
-        _check_record(path, where, rec.get("lang"), rec.get("text"))
-        for where, rec in iter_records(path, required=("lang", "text"))
-    ]
-
-
 def iter_records(
-    path: Path, *, required: tuple[str, ...], optional: tuple[str, ...] = ()
+    path: Path,
+    *,
+    required: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    part: tuple[int, int] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for every record of a .jsonl or .parquet file, in file order.
 
     `where` is `line N` (jsonl, 1-based; blank lines are not records) or `row N` (parquet,
     0-based), for error messages. A parquet file must have every `required` column and is read
-    for `required` + `optional` columns only; a jsonl record is returned as parsed (a missing
-    field is the caller's to report). Raises InputError naming the file (and line) for an empty
-    file, an unreadable or corrupt parquet file, a missing parquet column, invalid UTF-8, bad JSON, or a record that is not an object.
+    for `required` + `optional` columns only, one record batch at a time; a jsonl record is
+    returned as parsed (a missing field is the caller's to report). `part` limits the reading to
+    a slice (`CorpusSlice`: the lines starting in a byte range, or a range of parquet row
+    groups); line and row numbers stay those of the whole file. Raises InputError naming the
+    file (and line) for an empty file, an unreadable or corrupt parquet file, a missing parquet
+    column, invalid UTF-8, bad JSON, or a record that is not an object.
     """
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty; add records or remove it")
     if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            names = pq.read_schema(path).names
-            for col in required:
-                if col not in names:
-                    raise InputError(f"{path}: no `{col}` column (found: {', '.join(names)})")
-            columns = [c for c in (*required, *optional) if c in names]
-            records = pq.read_table(path, columns=columns).to_pylist()
-        except pa.ArrowException as e:
-            raise InputError(
-                f"{path}: not a readable parquet file ({first_line(e)}); rewrite it (for example with "
-                "pyarrow.parquet.write_table) or remove it"
-            ) from None
-        for row, rec in enumerate(records):
-            yield f"row {row}", rec
+        yield from _parquet_records(path, required, optional, part)
         return
     fields = " and ".join(f"`{c}`" for c in required)
+    start, stop = part if part is not None else (0, None)
+    base = _lines_before(path, start) if start else 0
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, line in enumerate(_iter_lines(f, None, start, stop), start=base + 1):
             if not line.strip():
                 continue
             try:
@@ -398,6 +585,35 @@ def iter_records(
             if not isinstance(rec, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object with {fields}")
             yield f"line {lineno}", rec
+
+
+PARQUET_BATCH = 8192
+"""Records decoded at a time from a parquet file."""
+
+
+def _parquet_records(
+    path: Path, required: tuple[str, ...], optional: tuple[str, ...], part: tuple[int, int] | None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        for col in required:
+            if col not in names:
+                raise InputError(f"{path}: no `{col}` column (found: {', '.join(names)})")
+        columns = [c for c in (*required, *optional) if c in names]
+        groups = range(pf.num_row_groups) if part is None else range(*part)
+        row = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start))
+        if not groups:
+            return
+        for batch in pf.iter_batches(PARQUET_BATCH, row_groups=groups, columns=columns):
+            for rec in batch.to_pylist():
+                yield f"row {row}", rec
+                row += 1
+    except (pa.ArrowException, OSError) as e:
+        raise _not_parquet(path, e) from None
 
 
 def _check_record(path: Path, where: str, lang: object, text: object) -> tuple[str, str]:

@@ -23,17 +23,24 @@ def pack_flat(
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    stream = with_eos(values, lengths, eos_id)  # (sum(lengths) + D,)
+    n_rows = len(stream) // seq_len
+    rows = stream[: n_rows * seq_len].reshape(n_rows, seq_len)  # (N, L)
+    return np.ascontiguousarray(rows), len(stream) - n_rows * seq_len
+
+
+def with_eos(values: np.ndarray, lengths: np.ndarray, eos_id: int) -> np.ndarray:
+    """The packing stream: documents (flat `values`, per-document `lengths` (D,)) back to back,
+    each followed by `eos_id`; (sum(lengths) + D,) int32."""
     lengths = np.asarray(lengths, dtype=np.int64)
     total = int(lengths.sum()) + len(lengths)
-    stream = np.empty(total, dtype=np.int32)  # (sum(lengths) + D,)
+    stream = np.empty(total, dtype=np.int32)
     eos_at = np.cumsum(lengths + 1) - 1  # (D,) index of each document's EOS
     is_eos = np.zeros(total, dtype=bool)
     is_eos[eos_at] = True
     stream[is_eos] = eos_id
     stream[~is_eos] = np.asarray(values, dtype=np.int32)
-    n_rows = total // seq_len
-    rows = stream[: n_rows * seq_len].reshape(n_rows, seq_len)  # (N, L)
-    return np.ascontiguousarray(rows), total - n_rows * seq_len
+    return stream
 
 
 def pack_documents(docs: list[list[int]], eos_id: int, seq_len: int) -> tuple[np.ndarray, int]:

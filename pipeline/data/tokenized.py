@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import InputError
-from pipeline.core.provenance import ids_fingerprint
+from pipeline.core.provenance import IdsHasher, ids_fingerprint
 
 SPLITS = ("train", "validation")
 """The splits of a tokenized dataset (and of a logits store made from it), in this order."""
@@ -58,36 +58,145 @@ def features(seq_len: int) -> Any:
 
 
 def write_tokenized(splits: dict[str, tuple[np.ndarray, list[str]]], out: Path) -> dict[str, str]:
-    """save_to_disk a DatasetDict of {split: ((N, L) int32 rows, N language codes)} with
-    content-derived fingerprints, one Arrow file per split; returns {split: ids_fingerprint}."""
-    import datasets
+    """Write a DatasetDict of {split: ((N, L) int32 rows, N language codes)} held in memory
+    (tests, benchmarks); returns {split: ids_fingerprint}. The same bytes as `SplitWriter`."""
     import pyarrow as pa
 
-    result: dict[str, datasets.Dataset] = {}
     fingerprints = {}
     for split, (rows, langs) in splits.items():
-        seq_len = rows.shape[1]
-        feats = features(seq_len)
-        ids_col = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), seq_len)
-        table = pa.table({INPUT_IDS: ids_col, LANG: pa.array(langs, pa.string())})
-        lang_digest = hashlib.sha256("\n".join(langs).encode()).hexdigest()
-        fp = ids_fingerprint(rows)
-        fingerprints[split] = fp
-        fingerprint = hashlib.sha256(f"{fp}:{lang_digest}".encode()).hexdigest()[:16]
-        result[split] = datasets.Dataset(
-            table.cast(feats.arrow_schema),
-            info=datasets.DatasetInfo(features=feats),
-            split=datasets.NamedSplit(split),
-            fingerprint=fingerprint,
-        )
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        datasets.DatasetDict(result).save_to_disk(str(out), num_shards={s: 1 for s in result})
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+        lang_bytes = sum(len(lang.encode()) for lang in langs)
+        with SplitWriter(out, split, len(rows), rows.shape[1], lang_bytes) as writer:
+            writer.write(rows, pa.array(langs, pa.string()))
+        fingerprints[split] = writer.fingerprint
+    write_dataset_dict(out, list(splits))
     return fingerprints
+
+
+def write_dataset_dict(out: Path, splits: Sequence[str]) -> None:
+    """The DatasetDict's `dataset_dict.json` (what `load_from_disk` looks for), as
+    `DatasetDict.save_to_disk` writes it."""
+    import json
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / "dataset_dict.json", "w", encoding="utf-8") as f:
+        json.dump({"splits": list(splits)}, f)
+
+
+class SplitWriter:
+    """Writes one split of the tokenized dataset from row blocks, in bounded memory.
+
+    The files are byte for byte those `DatasetDict.save_to_disk(num_shards=1)` writes for the
+    same rows (checked by tests/test_tokenize.py against `save_to_disk` itself): one Arrow
+    stream file written by `datasets.arrow_writer.ArrowWriter` in tables of `writer_batch_size`
+    rows (what `save_to_disk` iterates by), then `state.json` and `dataset_info.json`. The
+    fingerprint (`_fingerprint` in state.json) is derived from the content: the sha256 of the ids
+    (`ids_fingerprint`, computed incrementally) and of the languages, so the same rows give
+    the same bytes. The number of rows and the languages' total UTF-8 size are needed up front:
+    both go into the content hash and the batch size, as `save_to_disk` would compute them.
+    """
+
+    def __init__(self, out: Path, split: str, n_rows: int, seq_len: int, lang_bytes: int) -> None:
+        import datasets
+        from datasets.arrow_writer import ArrowWriter, get_writer_batch_size_from_data_size
+
+        self.dir = Path(out) / split
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.split, self.n_rows, self.seq_len = split, n_rows, seq_len
+        self.features = features(seq_len)
+        nbytes = n_rows * seq_len * 4 + 4 * n_rows + lang_bytes  # pyarrow's table.nbytes
+        self.batch = datasets.config.DEFAULT_MAX_BATCH_SIZE
+        if nbytes > 0:
+            self.batch = min(self.batch, get_writer_batch_size_from_data_size(n_rows, nbytes))
+        self._writer = ArrowWriter(
+            features=self.features, path=str(self.dir / _DATA_FILE), embed_local_files=True
+        )
+        self._ids = IdsHasher((n_rows, seq_len))
+        self._langs = hashlib.sha256()
+        self._pending: list[tuple[np.ndarray, Any]] = []
+        self._pending_rows = 0
+        self.written = 0
+        self.fingerprint = ""
+
+    def write(self, rows: np.ndarray, langs: Any) -> None:
+        """Append rows ((n, L) int32) and their languages (a pyarrow string array of n)."""
+        if len(rows) != len(langs):
+            raise ValueError(f"{len(rows)} rows but {len(langs)} languages")
+        self._ids.update(rows)
+        for i, lang in enumerate(langs.to_pylist()):
+            self._langs.update((lang if i + self.written == 0 else "\n" + lang).encode())
+        self.written += len(rows)
+        self._pending.append((rows, langs))
+        self._pending_rows += len(rows)
+        while self._pending_rows >= self.batch:
+            self._flush(self.batch)
+
+    def _flush(self, n: int) -> None:
+        """Write the first `n` pending rows as one table (one record batch)."""
+        import pyarrow as pa
+
+        rows = (
+            np.concatenate([r for r, _ in self._pending])
+            if len(self._pending) > 1
+            else self._pending[0][0]
+        )
+        langs = (
+            pa.concat_arrays([lg for _, lg in self._pending])
+            if len(self._pending) > 1
+            else self._pending[0][1]
+        )
+        head = np.ascontiguousarray(rows[:n], dtype=np.int32)
+        ids = pa.FixedSizeListArray.from_arrays(pa.array(head.reshape(-1)), self.seq_len)
+        table = pa.table({INPUT_IDS: ids, LANG: langs[:n]}).cast(self.features.arrow_schema)
+        self._writer.write_table(table)
+        self._pending = [(rows[n:], langs[n:])] if n < len(rows) else []
+        self._pending_rows = len(rows) - n
+
+    def close(self) -> str:
+        """Finish the files; returns the split's ids_fingerprint. ValueError if fewer or more
+        rows were written than announced."""
+        import json
+
+        import datasets
+        from datasets.utils.py_utils import asdict
+
+        if self.written != self.n_rows:
+            raise ValueError(f"{self.split}: {self.written} rows written, {self.n_rows} announced")
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        self._writer.finalize()
+        self._writer.close()
+        self.fingerprint = self._ids.hexdigest()
+        digest = f"{self.fingerprint}:{self._langs.hexdigest()}"
+        state = {
+            "_fingerprint": hashlib.sha256(digest.encode()).hexdigest()[:16],
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": self.split,
+            "_data_files": [{"filename": _DATA_FILE}],
+        }
+        with open(
+            self.dir / datasets.config.DATASET_STATE_JSON_FILENAME, "w", encoding="utf-8"
+        ) as f:
+            json.dump(state, f, indent=2, sort_keys=True)
+        info = asdict(datasets.DatasetInfo(features=self.features))
+        with open(self.dir / datasets.config.DATASET_INFO_FILENAME, "w", encoding="utf-8") as f:
+            json.dump({key: info[key] for key in sorted(info)}, f, indent=2)
+        return self.fingerprint
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._writer.close()
+
+
+_DATA_FILE = "data-00000-of-00001.arrow"
+"""The split's one Arrow file (`save_to_disk`'s name for shard 0 of 1)."""
 
 
 @dataclass(frozen=True)

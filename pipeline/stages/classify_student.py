@@ -7,6 +7,11 @@ dev checkpoint, logs curves with dvclive, checkpoints outside the DVC output so 
 resumes, and writes the student with the tokenizer and softlabels.json. The corpus comes from
 params `classify_corpus`; `--student NAME` applies `classify_students.NAME` to
 `classify_student` (dvc.yaml's foreach trains kd, ce and gold this way).
+
+With `classify_student.processes: N` > 1 it trains data-parallel (PyTorch DDP), as
+`train_student` does: run as is (e.g. by `dvc repro`), it relaunches itself as N ranks under
+torch.distributed.run with the same arguments; or start it as `torchrun --nproc-per-node N -m
+pipeline.stages.classify_student ...`. Rank 0 writes every output.
 """
 
 from __future__ import annotations
@@ -15,12 +20,17 @@ import sys
 from pathlib import Path
 
 from pipeline.classify.corpus import ClassifyCorpusConfig
-from pipeline.classify.student import ClassifyStudentConfig, run_classify_student
+from pipeline.classify.student import ClassifyStudentConfig, check_launch, run_classify_student
 from pipeline.core.allocator import keep_freed_memory
-from pipeline.core.stage_cli import load_section, run_stage, stage_parser
+from pipeline.core.stage_cli import load_section, stage_parser
+from pipeline.student import distributed as dp
+
+MODULE = "pipeline.stages.classify_student"
+"""This script as a module: what a data-parallel run starts as each rank."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = stage_parser(
         __doc__,
         [(ClassifyCorpusConfig, "classify_corpus"), (ClassifyStudentConfig, "classify_student")],
@@ -55,15 +65,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    return run_stage(
-        lambda: run_classify_student(
-            load_section(
-                args.params,
-                ClassifyStudentConfig,
-                "classify_student",
-                overrides=f"classify_students.{args.student}" if args.student else None,
-            ),
-            load_section(args.params, ClassifyCorpusConfig, "classify_corpus"),
+
+    def work() -> None:
+        cfg, corpus_cfg = dp.same_on_every_rank(
+            lambda: (
+                load_section(
+                    args.params,
+                    ClassifyStudentConfig,
+                    "classify_student",
+                    overrides=f"classify_students.{args.student}" if args.student else None,
+                ),
+                load_section(args.params, ClassifyCorpusConfig, "classify_corpus"),
+            )
+        )
+        if dp.needs_launch(cfg.processes):  # run this script again as cfg.processes ranks
+            check_launch(cfg, logits=args.logits, teacher=args.teacher)
+            dp.launch(MODULE, argv, cfg.processes, section="classify_student")
+            return
+        run_classify_student(
+            cfg,
+            corpus_cfg,
             logits=args.logits,
             tokenizer=args.tokenizer,
             teacher=args.teacher,
@@ -74,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             name=args.student,
             progress=not args.no_progress,
         )
-    )
+
+    return dp.run_ranked_stage(work)
 
 
 if __name__ == "__main__":

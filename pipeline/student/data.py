@@ -12,16 +12,26 @@ line naming the shard, never with NaN losses.
 
 Order (a pure function of the seed, the step and the layout): epoch e permutes the blocks with
 a generator seeded by (seed, e). The permuted blocks are dealt round-robin to `slots`: one slot
-per (data-parallel rank, DataLoader worker), so no two readers ever touch the same block and
-together they cover the epoch exactly once. Each slot groups its blocks into windows of
-`buffer_chunks` blocks held in memory and shuffles the rows of a window (seeded by seed, epoch,
-slot, window): chunk-granular shuffling for cheap reads, plus an in-memory shuffle buffer so a
-batch mixes several blocks. A slot's rows, epoch after epoch, are cut into batches of
-`batch_size`; the DataLoader takes batches from its workers round-robin, so global step g of
-rank r is batch g // W of slot r * W + g % W (W workers). Resuming at step s therefore needs no
-state beyond s: every slot skips its first batches by index arithmetic, without reading them.
-The trade-off: the order depends on the number of workers and ranks, so a resumed run must use
-the same ones (the checkpoint key includes them).
+per DataLoader worker, so no two workers ever touch the same block and together they cover the
+epoch exactly once. Each slot groups its blocks into windows of `buffer_chunks` blocks held in
+memory and shuffles the rows of a window (seeded by seed, epoch, slot, window): chunk-granular
+shuffling for cheap reads, plus an in-memory shuffle buffer so a batch mixes several blocks. A
+slot's rows, epoch after epoch, are cut into global batches of `batch_size`; the DataLoader takes
+batches from its workers round-robin, so global step g is batch g // W of slot g % W (W workers).
+Resuming at step s therefore needs no state beyond s: every slot skips its first batches by index
+arithmetic, without reading them. The order depends on the number of workers, so a resumed run
+must use the same one (the checkpoint key includes it).
+
+Data-parallel ranks (`rank`, `world_size`) do not change the order: the global batch of step g
+is the same rows whatever the world size, and rank r takes its contiguous share of it, rows
+[r * b, (r + 1) * b) with b = batch_size / world_size (`share_bounds`). With equal shares of
+fixed-length rows, the mean of the ranks' per-batch losses is the one process's loss, so DDP's
+averaged gradient is the one-process gradient and the weights agree up to float rounding; a
+checkpoint of any world size resumes under any other. The trade-off: every rank reads and
+decodes the whole windows its batches come from (the same reads as one process) and keeps its
+rows of each batch, so reading is repeated on every rank while the compute is split. (The public
+`softlabels.SoftLabelDataset` shards otherwise: there a rank is a group of slots, reading
+disjoint blocks, as trainers that build their own batches per rank expect.)
 
 Prefetching: each slot reads its next windows in a background thread, `prefetch` windows ahead,
 while batches of the current one are handed out (the training step runs in torch kernels that
@@ -66,7 +76,8 @@ class BlockOrder:
     buffer_chunks: int = 4
     """Blocks per in-memory shuffle window."""
     slots: int = 1
-    """Independent readers: data-parallel ranks x DataLoader workers (at least 1 each)."""
+    """Independent readers: the stream's DataLoader workers (the public dataset's: ranks x
+    workers), at least 1."""
 
     def __post_init__(self) -> None:
         for key in ("chunk_sequences", "batch_size", "buffer_chunks", "slots"):
@@ -125,13 +136,17 @@ class BlockOrder:
         """Batches worker `worker` (of `workers`) produced for global steps [0, step)."""
         return max(0, (step - worker + workers - 1) // workers)
 
-    def batch_rows(self, step: int, *, rank: int = 0, num_workers: int = 0) -> np.ndarray:
-        """Row ids of global step `step` on `rank` (for tests and the in-memory benchmark)."""
+    def batch_rows(
+        self, step: int, *, num_workers: int = 0, rank: int = 0, world_size: int = 1
+    ) -> np.ndarray:
+        """Row ids `SoftLabelStream` serves at global step `step` with `num_workers` workers:
+        the whole global batch, or with `world_size` > 1 rank `rank`'s share of it
+        (`share_bounds`). For tests and the in-memory benchmark."""
         workers = max(1, num_workers)
-        worker = step % workers
-        slot = rank * workers + worker
-        it = self.iter_rows(slot, (step // workers) * self.batch_size)
-        return np.concatenate([rows for rows, _ in _take(it, self.batch_size)])
+        it = self.iter_rows(step % workers, (step // workers) * self.batch_size)
+        rows = np.concatenate([rows for rows, _ in _take(it, self.batch_size)])
+        lo, hi = share_bounds(self.batch_size, rank, world_size)
+        return rows[lo:hi]
 
     def iter_rows(self, slot: int, start: int = 0) -> Iterator[tuple[np.ndarray, tuple]]:
         """Yield (row ids of one window from `start` on, window key) forever for a slot."""
@@ -151,6 +166,13 @@ def _take(it: Iterator[tuple[np.ndarray, Any]], n: int) -> Iterator[tuple[np.nda
         rows, key = next(it)
         yield rows[:n], key
         n -= len(rows[:n])
+
+
+def share_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of rank `rank`'s contiguous share of `n` items split over `world_size` ranks:
+    equal shares when `world_size` divides `n` (a batch), sizes differing by at most one
+    otherwise (the validation rows); (0, n) for one rank."""
+    return n * rank // world_size, n * (rank + 1) // world_size
 
 
 def distributed_share(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -249,6 +271,8 @@ class SoftLabelStream(IterableDataset):
     `entropy` (B, L) float16.
     Use it with `DataLoader(stream, batch_size=None, num_workers=W)` and the same W as
     `num_workers`. Paths, not open files, are held, so it pickles cheaply into worker processes.
+    With `world_size` > 1 each batch is rank `rank`'s share of the global batch of
+    `batch_size` rows (module docstring): B = batch_size / world_size, which must be whole.
     """
 
     def __init__(
@@ -270,7 +294,12 @@ class SoftLabelStream(IterableDataset):
         super().__init__()
         self.reader = RowReader(tokenized, store=store, split=split)
         self.workers = max(1, num_workers)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = distributed_share(rank, world_size)
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch_size {batch_size} must be a multiple of world_size {world_size} (each "
+                "rank takes an equal share of every global batch)"
+            )
         self.start_step, self.prefetch = start_step, max(1, prefetch)
         self.order = BlockOrder(
             n_rows=len(self.reader.tokens()),
@@ -278,7 +307,7 @@ class SoftLabelStream(IterableDataset):
             batch_size=batch_size,
             seed=seed,
             buffer_chunks=buffer_chunks,
-            slots=self.workers * world_size,
+            slots=self.workers,
         )
 
     def read_labels(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -293,21 +322,23 @@ class SoftLabelStream(IterableDataset):
                 f"SoftLabelStream built for {self.workers} workers, DataLoader has {info.num_workers}"
             )
         # The DataLoader asks worker 0 first: after a restart at step s, worker 0 serves
-        # global step s, which belongs to the order's worker s % W.
-        worker = (self.start_step + worker) % self.workers
-        slot = self.rank * self.workers + worker
-        done = self.order.slot_batches_before(self.start_step, worker, self.workers)
+        # global step s, which belongs to the order's slot s % W.
+        slot = (self.start_step + worker) % self.workers
+        done = self.order.slot_batches_before(self.start_step, slot, self.workers)
         b = self.order.batch_size
+        lo, hi = share_bounds(b, self.rank, self.world_size)  # this rank's rows of a batch
         pieces: list[tuple[np.ndarray, dict]] = []
-        have = 0
+        have = 0  # rows of the current global batch passed so far
         windows = prefetched_windows(self.reader, self.order, slot, done * b, self.prefetch)
         for local, data in windows:
             pos = 0
             while pos < len(local):
-                take = local[pos : pos + b - have]
-                pieces.append((take, data))
-                have += len(take)
-                pos += len(take)
+                n = min(len(local) - pos, b - have)  # batch rows [have, have + n) are here
+                first, last = max(lo, have), min(hi, have + n)
+                if first < last:
+                    pieces.append((local[pos + first - have : pos + last - have], data))
+                have += n
+                pos += n
                 if have == b:
                     yield _assemble(pieces)
                     pieces, have = [], 0

@@ -16,6 +16,20 @@ the store and never loads the teacher.
 Resume: a killed run re-run with the same params and inputs finds its checkpoint (keyed by a
 digest of both), restores weights, optimizer, schedule and RNG states, and restarts the data
 stream at the saved step; on CPU it ends with exactly the weights of an uninterrupted run.
+
+Data-parallel (`processes` > 1, `pipeline.student.distributed`): the stage runs as that many
+ranks under torch.distributed.run (the stage script relaunches itself, or the user starts
+torchrun), DDP with gloo on CPU and NCCL on CUDA (rank r on `cuda:LOCAL_RANK`). `batch_size`
+stays the global batch: every step, rank r trains on its contiguous share of the very rows one
+process would (`pipeline.student.data`), so the weights equal a one-process run's up to float
+rounding. Rank 0 alone logs (curves, progress bar), checkpoints and writes the outputs; the
+others wait for its writes to succeed. Params and argv are checked on every rank before the
+process group exists (rank 0 reports an error); the inputs, the resume, every step's batch and
+rank 0's writes are agreed, so an error on any rank stops every rank with that error. On resume
+rank 0 picks the checkpoint (setting damaged ones aside) and sends it to the others; the RNG
+states are the same on every rank (same seed, same draws), so rank 0's are everyone's. The
+checkpoint key leaves the number of processes out: a checkpoint of one process count resumes
+under another.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,8 +66,10 @@ from pipeline.modeling.optim import check_optimizer_params
 from pipeline.store.format import LEGACY_SAMPLING, read_attrs, sampling_of
 from pipeline.store.verify import abbreviate, content_sha256
 from pipeline.student import checkpoint as ckpt
+from pipeline.student import distributed as dp
 from pipeline.student import model as sm
 from pipeline.student.data import SoftLabelStream, check_store, distributed_share
+from pipeline.student.distributed import World
 from pipeline.student.losses import Loss, SampleWeights, Tail
 from pipeline.student.trainer import LossSettings, StudentTrainer, check_loss_for_store
 
@@ -63,8 +80,17 @@ RECORD_FILE = "softlabels.json"
 LIVE_CHUNK_SEQUENCES = 64
 """Block size of the data order when no store is read (teacher_logits' default
 chunk_sequences, so a live run over the default layout sees the stored run's batches)."""
-COSMETIC = ("log_every", "eval_every", "eval_sequences", "checkpoint_every", "prefetch")
-"""Params that do not change the weights (left out of the checkpoint key)."""
+COSMETIC = (
+    "log_every",
+    "eval_every",
+    "eval_sequences",
+    "checkpoint_every",
+    "prefetch",
+    "processes",
+)
+"""Params that do not change the weights (left out of the checkpoint key). `processes`: every
+process count trains on the same global batches, so only float rounding of the gradient
+average differs (as with the number of CPU threads)."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +136,7 @@ class TrainStudentConfig:
     steps: int = 200
     """Optimizer steps."""
     batch_size: int = 32
-    """Sequences per step."""
+    """Sequences per step: the global batch, split evenly over `processes`."""
     learning_rate: float = 0.003
     """Peak AdamW learning rate, after linear warmup, then cosine decay to zero."""
     warmup_steps: int = 20
@@ -139,6 +165,12 @@ class TrainStudentConfig:
     """Log loss parts, learning rate and tokens/s to dvclive every this many steps."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: CUDA when available (bf16 autocast), else CPU (float32)."""
+    processes: int = 1
+    """Data-parallel processes (PyTorch DDP; gloo on CPU, NCCL on CUDA with one GPU each).
+    Above 1 the stage script relaunches itself under torch.distributed.run, or runs under a
+    `torchrun --nproc-per-node` started with this same number (else an error). batch_size stays
+    the global batch and must be a multiple of it; the weights equal one process's up to float
+    rounding, and a checkpoint resumes under any number. Rank 0 writes every output."""
 
     def __post_init__(self) -> None:
         s = "train_student"
@@ -159,9 +191,16 @@ class TrainStudentConfig:
         for key in ("num_workers", "eval_every", "eval_sequences", "checkpoint_every"):
             value = getattr(self, key)
             require(value >= 0, f"{s}.{key}", f"must be >= 0, got {value}")
-        for key in ("prefetch", "log_every"):
+        for key in ("prefetch", "log_every", "processes"):
             value = getattr(self, key)
             require(value >= 1, f"{s}.{key}", f"must be >= 1, got {value}")
+        require(
+            self.batch_size % self.processes == 0,
+            f"{s}.batch_size",
+            f"{self.batch_size} is not a multiple of {s}.processes: {self.processes} (each "
+            "process trains on an equal share of every batch); use a multiple of "
+            f"{self.processes}",
+        )
         if self.init == "teacher_layers":
             require(
                 self.model == sm.SCRATCH,
@@ -245,6 +284,8 @@ def prepare(
     tokenizer: Path,
     teacher: Path | None = None,
     chunk_sequences: int | None = None,
+    world: World | None = None,
+    device: torch.device | None = None,
 ) -> Setup:
     """Check every input, then build the student, trainer and data stream (no training).
 
@@ -253,16 +294,25 @@ def prepare(
     sample store; a pretrained student whose vocabulary is not the teacher's.
     `chunk_sequences` overrides the block size of the data order (default: the store's chunk,
     or LIVE_CHUNK_SEQUENCES for a live teacher), so a live run can see a stored run's batches.
+    `world`, `device`: this rank of a data-parallel run and its device, as `dp.join` gives them
+    (default: one process, the device the params ask for): the stream serves this rank's share
+    of each batch, and only rank 0 verifies the store's checksums (the ranks agree on its
+    verdict, `run_train_student`). No collective runs here (the trainer is not yet
+    data-parallel: `StudentTrainer.distribute`), so ranks can agree on its errors.
 
     One named step each, in this order: `_check_request`, `_load_tokenizer`, `_store_source` or
     `_live_source` (inputs checked, provenance recorded), `_build_model`, `_build_trainer`,
     `_stream_args`, `_checkpoint_key`.
     """
-    device = _check_request(cfg, logits=logits, teacher=teacher)
+    world = world or World()
+    requested = _check_request(cfg, logits=logits, teacher=teacher)
+    device = device if device is not None else requested
     tok = _load_tokenizer(tokenizer)
     if cfg.teacher == "store":
         assert logits is not None  # _check_request
-        source = _store_source(cfg, logits=logits, tokenized=tokenized, tok=tok)
+        source = _store_source(
+            cfg, logits=logits, tokenized=tokenized, tok=tok, checksums=world.is_main
+        )
     else:
         assert teacher is not None  # _check_request
         source = _live_source(
@@ -289,6 +339,7 @@ def prepare(
         tokenized=tokenized,
         logits=logits,
         chunk_sequences=chunk_sequences or source.chunk_sequences,
+        world=world,
     )
     return Setup(
         cfg=cfg,
@@ -331,6 +382,15 @@ def _check_request(
     return torch.device(name)
 
 
+def check_launch(cfg: TrainStudentConfig, *, logits: Path | None, teacher: Path | None) -> None:
+    """What the stage script checks before it starts `cfg.processes` ranks, so a request they
+    could not serve fails at once, not in every rank: the arguments the params need
+    (`_check_request`) and, on CUDA, one GPU per process (`dp.check_gpus`)."""
+    device = _check_request(cfg, logits=logits, teacher=teacher)
+    if device.type == "cuda":
+        dp.check_gpus(cfg.processes, section="train_student")
+
+
 def _load_tokenizer(path: Path) -> Any:
     """The teacher's tokenizer (only its files are read); InputError if absent or unusable."""
     if not Path(path).is_dir():
@@ -349,16 +409,20 @@ def _student_vocab(cfg: TrainStudentConfig, teacher_vocab: int) -> int:
     return sm.pretrained_vocab(cfg.model, cfg.revision)
 
 
-def _store_source(cfg: TrainStudentConfig, *, logits: Path, tokenized: Path, tok: Any) -> Source:
+def _store_source(
+    cfg: TrainStudentConfig, *, logits: Path, tokenized: Path, tok: Any, checksums: bool = True
+) -> Source:
     """Learning from a logits store: refuse a store that is missing, incomplete, or made with
-    another tokenizer, vocabulary or token ids (`check_store`, naming each field), and
-    `reverse_kl` on a sample store; record the store's provenance."""
+    another tokenizer, vocabulary or token ids (`check_store`, naming each field; with
+    `checksums`, also one whose shard files fail their checksums), and `reverse_kl` on a sample
+    store; record the store's provenance."""
     vocab = int(read_attrs(logits)["teacher"]["vocab_size"])  # StoreError if missing
     attrs = check_store(
         logits,
         tokenized=tokenized,
         tokenizer_identity=tokenizer_identity(tok),
         vocab_size=_student_vocab(cfg, vocab),
+        checksums=checksums,
     )
     method = attrs["method"]
     check_loss_for_store(
@@ -490,12 +554,18 @@ def _build_trainer(
 
 
 def _stream_args(
-    cfg: TrainStudentConfig, *, tokenized: Path, logits: Path | None, chunk_sequences: int
+    cfg: TrainStudentConfig,
+    *,
+    tokenized: Path,
+    logits: Path | None,
+    chunk_sequences: int,
+    world: World,
 ) -> dict[str, Any]:
     """Keyword arguments of `SoftLabelStream` (without start_step): soft labels only when the
-    loss uses them (a store and alpha > 0); under torch.distributed each rank its own blocks."""
+    loss uses them (a store and alpha > 0); on several ranks each rank its share of every
+    global batch."""
     labels = cfg.teacher == "store" and cfg.alpha > 0
-    rank, world_size = distributed_share()
+    rank, world_size = distributed_share(world.rank, world.size)
     return dict(
         tokenized=tokenized,
         batch_size=cfg.batch_size,
@@ -519,14 +589,14 @@ def _checkpoint_key(
 ) -> str:
     """Digest of everything that determines the weights: the params (less COSMETIC), what the
     student learns from (not the store's path), the data order's layout, the device type and
-    the softlabels version. A checkpoint is resumed only under the same key."""
+    the softlabels version. A checkpoint is resumed only under the same key. Not the number of
+    ranks: the global batches are the same under any (COSMETIC)."""
     weights_cfg = {k: v for k, v in to_dict(cfg).items() if k not in COSMETIC}
     return ckpt.run_key(
         {
             "config": weights_cfg,
             "record": {k: v for k, v in record.items() if k != "store"},
             "chunk_sequences": stream_args["chunk_sequences"],
-            "world_size": stream_args["world_size"],
             "device": device.type,
             "softlabels_version": pipeline.__version__,
         }
@@ -546,40 +616,122 @@ def run_train_student(
     teacher: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the stage (module docstring); return the metrics it writes to `metrics`."""
-    check_destinations(out, metrics, checkpoints, live_dir)  # fail now, not after the work
-    setup = prepare(cfg, tokenized=tokenized, logits=logits, tokenizer=tokenizer, teacher=teacher)
+    """Run the stage (module docstring) in this process; return the metrics rank 0 writes to
+    `metrics` (every rank returns them).
+
+    With `cfg.processes` 1 this is the whole run. Above 1 this process must be one rank of a
+    torchrun with as many processes (the stage script starts one: `pipeline.stages.
+    train_student`); otherwise a ConfigError naming `train_student.processes`."""
+    device = dp.same_on_every_rank(lambda: _check_request(cfg, logits=logits, teacher=teacher))
+    world, device = dp.join(cfg.processes, device, section="train_student")
+    try:
+        return _train(
+            cfg,
+            world=world,
+            device=device,
+            tokenized=tokenized,
+            logits=logits,
+            tokenizer=tokenizer,
+            out=out,
+            metrics=metrics,
+            checkpoints=checkpoints,
+            live_dir=live_dir,
+            teacher=teacher,
+            progress=progress,
+        )
+    finally:
+        world.close()
+
+
+def _train(
+    cfg: TrainStudentConfig,
+    *,
+    world: World,
+    device: torch.device,
+    tokenized: Path,
+    logits: Path | None,
+    tokenizer: Path,
+    out: Path,
+    metrics: Path,
+    checkpoints: Path,
+    live_dir: Path,
+    teacher: Path | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """The run of `run_train_student` on this rank of `world` (every rank calls it)."""
+
+    def checked_setup() -> Setup:
+        if world.is_main:  # the only writer: fail now, not after the work
+            check_destinations(out, metrics, checkpoints, live_dir)
+        return prepare(
+            cfg,
+            tokenized=tokenized,
+            logits=logits,
+            tokenizer=tokenizer,
+            teacher=teacher,
+            world=world,
+            device=device,
+        )
+
+    setup = world.agree(checked_setup)
     trainer = setup.trainer
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    log.info("student: %d parameters on %s", n_params, setup.device)
+    log.info("student: %d parameters on %s (processes: %d)", n_params, setup.device, world.size)
     log.info("learning from %s", describe_source(setup.record))
     work = Path(checkpoints) / setup.key
-    state = ckpt.resume(work, lambda s: ckpt.restore(trainer, s, numbers=("tokens",)))
+    state = _resume(world, work, trainer)
+    trainer.distribute(world)  # DDP, now that every rank holds the same weights
     start, tokens_done, train_seconds = 0, 0, 0.0
     if state is not None:
         start, tokens_done = int(state["step"]), int(state["tokens"])
         train_seconds = float(state["seconds"])
     seq_len = setup.validation.shape[1]
-    curves = Curves(Path(live_dir), start, state.get("curves") if state else None)
+    saved_curves = state.get("curves") if state else None
+    curves = world.on_main(lambda: Curves(Path(live_dir), start, saved_curves))
+
+    def log_curves(step: int, values: dict[str, float]) -> None:
+        world.on_main(lambda: curves.log(step, values))
+
+    def save_checkpoint(step: int) -> None:
+        world.on_main(
+            lambda: ckpt.save(
+                work,
+                {
+                    "step": step,
+                    "tokens": tokens_done,
+                    "seconds": train_seconds,
+                    "trainer": trainer.state_dict(),
+                    "rng": ckpt.rng_state(),
+                    "curves": curves.snapshot(),
+                },
+            )
+        )
+
     eval_rows = setup.validation[: cfg.eval_sequences or None]
-    bar = tqdm(total=cfg.steps, initial=start, desc="student", unit="step", disable=not progress)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc="student",
+        unit="step",
+        disable=not (progress and world.is_main),
+    )
     last: Any = None
     window_tokens, window_time = 0, 0.0
     loader = iter(setup.loader(start))
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            batch = next(loader)
+            batch = world.agree(partial(next, loader))  # a reading error stops every rank
             last = trainer.step(batch)
             dt = time.perf_counter() - t0
-            n_tok = batch["input_ids"].numel()
+            n_tok = batch["input_ids"].numel() * world.size  # the global batch's tokens
             tokens_done += n_tok
             train_seconds += dt
             window_tokens += n_tok
             window_time += dt
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                curves.log(
+                log_curves(
                     done,
                     {
                         "train/loss": last.loss,
@@ -592,36 +744,15 @@ def run_train_student(
                 window_tokens, window_time = 0, 0.0
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 ppl = trainer.perplexity(eval_rows, batch_size=cfg.batch_size)
-                curves.log(done, {"val/perplexity": ppl})
+                log_curves(done, {"val/perplexity": ppl})
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                ckpt.save(
-                    work,
-                    {
-                        "step": done,
-                        "tokens": tokens_done,
-                        "seconds": train_seconds,
-                        "trainer": trainer.state_dict(),
-                        "rng": ckpt.rng_state(),
-                        "curves": curves.snapshot(),
-                    },
-                )
+                save_checkpoint(done)
             bar.update(1)
             bar.set_postfix(loss=f"{last.loss:.3f}", ce=f"{last.ce:.3f}", lr=f"{last.lr:.1e}")
     finally:
         bar.close()
         del loader
     ppl = trainer.perplexity(setup.validation, batch_size=cfg.batch_size)
-    curves.log(cfg.steps, {"val/perplexity": ppl})
-    curves.end()
-    record = {
-        **setup.record,
-        "train_student": to_dict(cfg),
-        "softlabels_version": pipeline.__version__,
-    }
-    with atomic_dir(out) as tmp:
-        trainer.model.save_pretrained(tmp)
-        setup.tokenizer.save_pretrained(tmp)
-        write_json(tmp / RECORD_FILE, record)
     result = {
         "validation_perplexity": ppl,
         "steps": cfg.steps,
@@ -635,8 +766,35 @@ def run_train_student(
         "source": setup.record["source"],
         "method": setup.record.get("method"),
         "k": setup.record.get("k"),
+        "processes": world.size,
     }
-    write_json(metrics, result)
-    ckpt.remove(work)
+
+    def write_outputs() -> None:
+        curves.log(cfg.steps, {"val/perplexity": ppl})
+        curves.end()
+        record = {
+            **setup.record,
+            "train_student": dp.recorded_params(cfg),
+            "softlabels_version": pipeline.__version__,
+        }
+        with atomic_dir(out) as tmp:
+            trainer.model.save_pretrained(tmp)
+            setup.tokenizer.save_pretrained(tmp)
+            write_json(tmp / RECORD_FILE, record)
+        write_json(metrics, result)
+        ckpt.remove(work)
+
+    world.on_main(write_outputs)  # every rank waits for rank 0's writes to succeed
     log.info("validation perplexity %.2f; student written to %s", ppl, out)
     return result
+
+
+def _resume(world: World, work: Path, trainer: StudentTrainer) -> dict[str, Any] | None:
+    """The checkpoint this run resumes from, applied on every rank (None: from scratch).
+    Rank 0 picks it (`ckpt.resume`: latest, else previous; unusable ones set aside) and sends
+    it to the other ranks, which apply it too; any failure is agreed (`World.agree`)."""
+
+    def apply(state: dict[str, Any]) -> None:
+        ckpt.restore(trainer, state, numbers=("tokens",))
+
+    return dp.resume_on_main(world, lambda: ckpt.resume(work, apply), apply)

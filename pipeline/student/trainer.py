@@ -10,6 +10,16 @@ store position t holds the teacher's distribution for token t+1; the loss uses p
 
 It is shared by the stage (`pipeline.student.train_student`) and the benchmarks, which feed it batches
 from the streaming loader or from memory, so both measure the same step.
+
+Data-parallel (`distribute(world)` with more than one rank, `pipeline.student.distributed`):
+the forward and backward run through `DistributedDataParallel`, which averages the gradients
+over the ranks during backward. Each rank's batch is an equal share of the global batch and the
+loss is a mean over its positions (fixed-length rows, no padding), so the averaged gradient is
+the gradient of the global batch's mean loss: clipping, AdamW and the schedule then do on every
+rank exactly what one process does, and the weights stay equal across ranks. The loss parts a
+step reports are averaged over the ranks (the global batch's), and `perplexity` splits the rows
+over the ranks and sums their NLL, so both give one process's numbers up to float rounding.
+`self.model` stays the plain module (its state dict and `save_pretrained` carry no DDP prefix).
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from pipeline.core.errors import ConfigError
 from pipeline.modeling.optim import adamw_with_schedule
 from pipeline.store.format import LEGACY_SAMPLING
 from pipeline.store.labels import has_logprobs
+from pipeline.student.data import share_bounds
+from pipeline.student.distributed import World
 from pipeline.student.losses import LossParts, distillation_loss, target_nll
 
 LOSS_ARGS = {
@@ -159,6 +171,10 @@ class StudentTrainer:
     ) -> None:
         self.model, self.settings, self.device = model, settings, device
         self.teacher, self.grad_clip = teacher, grad_clip
+        self.world = World()
+        """The ranks this trainer trains with (`distribute`); one process by default."""
+        self.forward_model: torch.nn.Module = model
+        """What a training step runs: `model`, or its DDP wrapper on more than one rank."""
         self.optimizer, self.scheduler = adamw_with_schedule(
             model,
             learning_rate=learning_rate,
@@ -167,6 +183,18 @@ class StudentTrainer:
             steps=steps,
         )
 
+    def distribute(self, world: World) -> None:
+        """Train data-parallel over `world` from now on (nothing changes for one process):
+        wrap the model in DDP, whose construction is a collective (a broadcast of rank 0's
+        weights), so every rank calls this at the same point, outside any agreed phase
+        (`World.agree`), after the ranks hold the same weights."""
+        self.world = world
+        if world.size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids
+            )
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA; nothing on CPU (bf16 matmuls there are slow and inexact)."""
         if self.device.type == "cuda":
@@ -174,8 +202,9 @@ class StudentTrainer:
         return contextlib.nullcontext()
 
     def step(self, batch: dict[str, torch.Tensor]) -> StepResult:
-        """One optimisation step on a batch from `pipeline.student.data.SoftLabelStream`."""
-        self.model.train()
+        """One optimisation step on a batch from `pipeline.student.data.SoftLabelStream` (on
+        several ranks: this rank's share of the global batch; every rank calls it)."""
+        self.forward_model.train()
         nb = self.device.type == "cuda"
         batch = {name: t.to(self.device, non_blocking=nb) for name, t in batch.items()}
         teacher_logits = None
@@ -184,39 +213,45 @@ class StudentTrainer:
             with torch.no_grad(), self.autocast():
                 teacher_logits = self.teacher(input_ids=inp).logits  # (B, L, V)
         with self.autocast():
-            logits = self.model(input_ids=batch["input_ids"].long()).logits  # (B, L, V)
+            logits = self.forward_model(input_ids=batch["input_ids"].long()).logits  # (B, L, V)
         parts = batch_loss(logits, batch, self.settings, teacher_logits=teacher_logits)
         self.optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
+        parts.total.backward()  # on several ranks DDP averages the gradients here
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
-        return StepResult(
-            loss=float(parts.total.detach()),
-            kd=float(parts.kd),
-            ce=float(parts.ce),
-            lr=float(lr),
-            grad_norm=float(norm),
-        )
+        loss, kd, ce = float(parts.total.detach()), float(parts.kd), float(parts.ce)
+        if self.world.size > 1:  # the global batch's: the mean of equal shares' means
+            loss, kd, ce = self.world.mean([loss, kd, ce])
+        return StepResult(loss=loss, kd=kd, ce=ce, lr=float(lr), grad_norm=float(norm))
 
     @torch.inference_mode()
     def perplexity(self, rows: np.ndarray, *, batch_size: int) -> float:
         """exp(mean NLL) of the student predicting tokens 1..L-1 of each row of `rows` (N, L).
 
         Every row is scored independently, the convention of the teacher's and the evaluate
-        stage's perplexities, so the numbers are comparable.
+        stage's perplexities, so the numbers are comparable. On several ranks every rank must
+        call it: each scores its share of every `batch_size` rows (`share_bounds`) and the
+        NLL sums are added up over the ranks, so all return the same number.
         """
         self.model.eval()
         total, count = 0.0, 0
         for i in range(0, len(rows), batch_size):
-            inp = torch.from_numpy(np.asarray(rows[i : i + batch_size], dtype=np.int64))
+            chunk = rows[i : i + batch_size]
+            lo, hi = share_bounds(len(chunk), self.world.rank, self.world.size)
+            if lo == hi:
+                continue
+            inp = torch.from_numpy(np.asarray(chunk[lo:hi], dtype=np.int64))
             inp = inp.to(self.device)  # (b, L)
             with self.autocast():
                 logits = self.model(input_ids=inp).logits[:, :-1]  # (b, L-1, V)
             nll = target_nll(logits, inp[:, 1:])  # (b, L-1)
             total += float(nll.double().sum())
             count += nll.numel()
+        if self.world.size > 1:
+            total, summed = self.world.sum([total, count])
+            count = int(summed)
         self.model.train()
         return math.exp(total / count) if count else float("nan")
 
