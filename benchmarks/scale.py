@@ -163,7 +163,7 @@ def main() -> None:
         "--replicas", type=int, nargs=2, default=[10, 100], metavar=("SMALL", "LARGE")
     )
     parser.add_argument(
-        "--teacher-rows", type=int, default=384, help="rows for teacher_logits on Dask"
+        "--teacher-rows", type=int, default=1536, help="rows for teacher_logits on Dask"
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
