@@ -667,8 +667,6 @@ def run_classify_student(
     torchrun with as many processes (the stage script starts one: `pipeline.stages.
     classify_student`); otherwise a ConfigError naming `classify_student.processes`."""
     device = dp.same_on_every_rank(lambda: _check_request(cfg, logits, teacher))
-    if cfg.processes == 1:  # fail now, not after the work (several ranks: rank 0, in `_run`)
-        check_destinations(out, metrics, checkpoints, live_dir)
     world, device = dp.join(cfg.processes, device, section=SECTION)
     threads_before = torch.get_num_threads()
     if cfg.threads:
@@ -714,7 +712,7 @@ def _run(
     from tqdm.auto import tqdm
 
     def checked_setup() -> Setup:
-        if world.size > 1 and world.is_main:  # the only writer: fail now, not after the work
+        if world.is_main:  # the only writer: fail now, not after the work
             check_destinations(out, metrics, checkpoints, live_dir)
         return prepare(
             cfg, corpus_cfg, logits=logits, tokenizer=tokenizer, teacher=teacher, device=device

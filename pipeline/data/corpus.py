@@ -235,14 +235,7 @@ def plan_slices(cfg: CorpusConfig, slice_bytes: int | None = None) -> CorpusPlan
         if path.stat().st_size == 0:
             raise InputError(f"{path}: file is empty; add records or remove it")
         if path.suffix == ".parquet":
-            groups = _parquet_row_groups(path)
-            step = max(
-                1, len(groups) if slice_bytes is None else _groups_per_slice(path, slice_bytes)
-            )
-            slices += [
-                CorpusSlice(str(path), None, g, min(g + step, len(groups)))
-                for g in range(0, max(len(groups), 1), step)
-            ]
+            slices += _row_group_slices(path, slice_bytes)
         else:
             slices += _byte_slices(path, None, slice_bytes)
     plan = CorpusPlan(root, slices, files_skipped, frozenset(langs), bool(record_files))
@@ -271,21 +264,24 @@ def _byte_slices(path: Path, lang: str | None, slice_bytes: int | None) -> list[
     ]
 
 
-def _parquet_row_groups(path: Path) -> list[int]:
-    """Rows per row group of a parquet file; InputError if it is not readable parquet."""
+def _row_group_slices(path: Path, slice_bytes: int | None) -> list[CorpusSlice]:
+    """A parquet file cut into runs of row groups of about `slice_bytes` (None: one slice), by
+    its footer; InputError if it is not readable parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_metadata(path)
+        groups = pq.read_metadata(path).num_row_groups
     except (pa.ArrowException, OSError) as e:
         raise _not_parquet(path, e) from None
-    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-
-
-def _groups_per_slice(path: Path, slice_bytes: int) -> int:
-    groups = max(len(_parquet_row_groups(path)), 1)
-    return max(1, int(groups * slice_bytes // max(path.stat().st_size, 1)))
+    if slice_bytes is None:
+        step = max(groups, 1)
+    else:
+        step = max(1, int(max(groups, 1) * slice_bytes // max(path.stat().st_size, 1)))
+    return [
+        CorpusSlice(str(path), None, g, min(g + step, groups))
+        for g in range(0, max(groups, 1), step)
+    ]
 
 
 def _not_parquet(path: Path, e: BaseException) -> InputError:

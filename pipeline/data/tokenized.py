@@ -122,8 +122,8 @@ class SplitWriter:
         if len(rows) != len(langs):
             raise ValueError(f"{len(rows)} rows but {len(langs)} languages")
         self._ids.update(rows)
-        for i, lang in enumerate(langs.to_pylist()):
-            self._langs.update((lang if i + self.written == 0 else "\n" + lang).encode())
+        names = "\n".join(langs.to_pylist())  # the digest is of all languages joined by \n
+        self._langs.update((names if self.written == 0 or not len(rows) else "\n" + names).encode())
         self.written += len(rows)
         self._pending.append((rows, langs))
         self._pending_rows += len(rows)
