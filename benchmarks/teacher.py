@@ -8,9 +8,11 @@ same torch threads:
   (in-process): load the teacher, read and fingerprint the tokenized rows, compute, compress and
   write every shard, record, verify, finalize, write metrics, move the store into place.
 
-The order is forward, stage, forward; the forward throughput is the mean of its two runs, so
-drift in a shared machine's load affects both sides alike. The number of rows is calibrated so
-that each side takes about `--seconds`. The time split is the stage's own ("time split: ..."
+The order is forward, then `--rounds` times (stage, forward); each stage run is compared with
+the mean of the two forward runs either side of it, so drift in a shared machine's load affects
+both sides alike, and the median round is reported (with every round's ratio: on this shared
+2-core machine one forward run may take 40% longer than the next). The number of rows is
+calibrated so that each run takes about `--seconds`. The time split is the stage's own ("time split: ..."
 log line, `pipeline.capture.teacher_logits.log_time_split`): backbone, output-head matmul,
 vocabulary-wide passes (normaliser, entropy, sampling search, coverage), encode + write,
 summed over the stage's compute streams.
@@ -27,9 +29,10 @@ Teachers (`--teachers`):
 stage with the params' dtype, auto = bf16; the forward in the same dtype) and is refused with
 a message where there is none.
 
-Last line: {"bench": "teacher", "builtin": {"ratio": ..., "stage_tokens_per_s": ...,
-"forward_tokens_per_s": ..., "bytes_per_position": ..., "time_split": {"body": s, "head": s,
-"passes": s, "write": s}}, "wide": {...}}
+Last line: {"bench": "teacher", "builtin": {"ratio": ..., "ratio_rounds": [...],
+"stage_tokens_per_s": ..., "forward_tokens_per_s": ..., "bytes_per_position": ...,
+"time_split": {"body": s, "head": s, "passes": s, "write": s}, "vocab_passes": ...},
+"wide": {...}}
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.capture.kernel import resolve_vocab_passes
 from pipeline.capture.teacher_logits import TeacherLogitsConfig, run_teacher_logits
 from pipeline.core.allocator import keep_freed_memory
 from pipeline.core.config import from_params, load_params
@@ -164,8 +168,10 @@ def measure(
     seq_len: int,
     seconds: float,
     scratch: Path,
+    rounds: int,
 ) -> dict:
-    """Forward, stage, forward on the same rows; the teacher's result dict."""
+    """Forward, then `rounds` times stage, forward, on the same rows; the teacher's result
+    dict (the median round's figures, and every round's ratio)."""
     from pipeline.capture.shards import load_teacher, torch_dtype
 
     batch = cfg.batch_size
@@ -190,8 +196,41 @@ def measure(
         f"torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    f1 = forward_seconds(model, np.concatenate([train, validation]), batch)
-    print(f"[{name}] forward #1: {f1:.2f} s ({tokens / f1:.0f} tokens/s)", flush=True)
+    everything = np.concatenate([train, validation])
+    forwards = [forward_seconds(model, everything, batch)]
+    print(f"[{name}] forward #1: {forwards[0]:.2f} s ({tokens / forwards[0]:.0f} tokens/s)")
+    stages = []
+    for i in range(rounds):
+        stages.append(stage_run(name, teacher, cfg, work / f"round{i}", tokens))
+        forwards.append(forward_seconds(model, everything, batch))
+        print(
+            f"[{name}] forward #{i + 2}: {forwards[-1]:.2f} s "
+            f"({tokens / forwards[-1]:.0f} tokens/s)",
+            flush=True,
+        )
+    # each stage run against the mean of the forward runs either side of it
+    ratios = [
+        (tokens / st["seconds"]) / (tokens / ((forwards[i] + forwards[i + 1]) / 2))
+        for i, st in enumerate(stages)
+    ]
+    mid = sorted(range(rounds), key=lambda i: ratios[i])[rounds // 2]  # the median round
+    forward_tps = tokens / ((forwards[mid] + forwards[mid + 1]) / 2)
+    return {
+        "ratio": round(ratios[mid], 3),
+        "ratio_rounds": [round(r, 3) for r in ratios],
+        "stage_tokens_per_s": round(tokens / stages[mid]["seconds"], 1),
+        "forward_tokens_per_s": round(forward_tps, 1),
+        "bytes_per_position": round(stages[mid]["metrics"]["storage"]["bytes_per_token"], 2),
+        "time_split": {k: round(v, 2) for k, v in (stages[mid]["split"] or {}).items()},
+        "vocab_passes": resolve_vocab_passes(cfg.vocab_passes, device),
+        "batch_size": batch,
+        "tokens": tokens,
+    }
+
+
+def stage_run(name: str, teacher: Path, cfg: TeacherLogitsConfig, work: Path, tokens: int) -> dict:
+    """One end-to-end stage run into `work` (reading `work.parent / "tokenized"`): seconds,
+    metrics and the stage's logged time split."""
     handler = _StageLog()
     stage_log = logging.getLogger("pipeline.capture.teacher_logits")
     stage_log.addHandler(handler)
@@ -201,32 +240,20 @@ def measure(
         metrics = run_teacher_logits(
             cfg,
             teacher=teacher,
-            tokenized=work / "tokenized",
+            tokenized=work.parent / "tokenized",
             out=work / "out" / "teacher.zarr",
             metrics=work / "metrics.json",
             work_dir=work / "work",
         )
     finally:
         stage_log.removeHandler(handler)
-    stage = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     print(
-        f"[{name}] stage: {stage:.2f} s end to end ({tokens / stage:.0f} tokens/s); compute "
+        f"[{name}] stage: {seconds:.2f} s end to end ({tokens / seconds:.0f} tokens/s); compute "
         f"loop {handler.compute} s; time split {handler.split}",
         flush=True,
     )
-    f2 = forward_seconds(model, np.concatenate([train, validation]), batch)
-    print(f"[{name}] forward #2: {f2:.2f} s ({tokens / f2:.0f} tokens/s)", flush=True)
-    forward_tps = tokens / ((f1 + f2) / 2)
-    stage_tps = tokens / stage
-    return {
-        "ratio": round(stage_tps / forward_tps, 3),
-        "stage_tokens_per_s": round(stage_tps, 1),
-        "forward_tokens_per_s": round(forward_tps, 1),
-        "bytes_per_position": round(metrics["storage"]["bytes_per_token"], 2),
-        "time_split": {k: round(v, 2) for k, v in (handler.split or {}).items()},
-        "batch_size": batch,
-        "tokens": tokens,
-    }
+    return {"seconds": seconds, "metrics": metrics, "split": handler.split}
 
 
 def main() -> None:
@@ -235,7 +262,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--seconds", type=float, default=20.0, help="target time per side")
+    parser.add_argument("--seconds", type=float, default=10.0, help="target time per run")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="stage runs, each between two forward runs; the median round is reported "
+        "(a shared 2-core machine's speed drifts by tens of percent within minutes)",
+    )
     parser.add_argument(
         "--teachers", nargs="+", choices=("builtin", "wide"), default=["builtin", "wide"]
     )
@@ -250,6 +284,8 @@ def main() -> None:
         help="torch threads for both sides (default: torch's default, all cores)",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device on this machine; nothing measured", file=sys.stderr)
         sys.exit(2)
@@ -268,7 +304,7 @@ def main() -> None:
             else:
                 teacher = random_teacher(scratch, "wide", WIDE, seq_len)
                 cfg = dataclasses.replace(base, batch_size=args.wide_batch_size)
-            result[name] = measure(name, teacher, cfg, seq_len, args.seconds, scratch)
+            result[name] = measure(name, teacher, cfg, seq_len, args.seconds, scratch, args.rounds)
             print(json.dumps({name: result[name]}), flush=True)
     print(json.dumps(result))
 

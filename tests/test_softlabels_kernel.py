@@ -135,23 +135,122 @@ def test_sampled_frequencies_match_teacher_probabilities() -> None:
     torch.testing.assert_close(out.tail.double(), torch.log1p(-covered), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("passes", ["eager", "fused"])
 @pytest.mark.parametrize("method", ["sample", "topk"])
-def test_row_groups_of_the_passes_give_the_same_bits(method: str) -> None:
+def test_row_groups_of_the_passes_give_the_same_bits(method: str, passes: str) -> None:
     """The passes run on cache-sized row groups: any grouping (a lone last row included)
-    stores exactly the bytes of one pass over the whole slice."""
+    stores exactly the bytes of one pass over the whole slice, eager or fused."""
     vocab, rows, k = 40_000, 9, 8
     model = tiny_llama(vocab, head_scale=30.0)
     h = torch.randn(rows, 16, generator=torch.Generator().manual_seed(1))
     u = draw_uniforms(shard_generator(0, "train", 0), rows, k, "systematic")
     u = u if method == "sample" else None
     outs = []
+    kernel = SoftLabelKernel(model, method=method, k=k, head_chunk_tokens=rows, vocab_passes=passes)
     for group in (rows, 2, 4, 3):
-        kernel = SoftLabelKernel(model, method=method, k=k, head_chunk_tokens=rows)
         kernel.group = group
         outs.append(kernel.from_hidden(h, u))
     for out in outs[1:]:
         for name in ("ids", "logprobs", "tail", "covered", "entropy", "top1"):
             assert torch.equal(getattr(out, name), getattr(outs[0], name)), name
+
+
+@pytest.mark.parametrize("sampling", ["systematic", "iid"])
+@pytest.mark.parametrize("vocab", [300, 40_000])
+def test_sample_without_logprobs_draws_the_same_ids(sampling: str, vocab: int) -> None:
+    """A sample store that keeps no logprobs skips their sort and the tail: the same draws (in
+    ascending order, the order the store encodes them in), the same statistics; its logprobs
+    and tail are NaN, never a plausible value."""
+    rows, k = 40, 16
+    model = tiny_llama(vocab, head_scale=30.0)
+    h = torch.randn(rows, 16, generator=torch.Generator().manual_seed(5))
+    u = draw_uniforms(shard_generator(3, "train", 0), rows, k, sampling)
+    full, bare = (
+        SoftLabelKernel(model, method="sample", k=k, head_chunk_tokens=16, logprobs=keep)
+        for keep in (True, False)
+    )
+    want, got = full.from_hidden(h, u), bare.from_hidden(h, u)
+    assert torch.equal(got.ids, want.ids.sort(-1).values)
+    assert bool(got.logprobs.isnan().all()) and bool(got.tail.isnan().all())
+    for name in ("entropy", "top1"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    torch.testing.assert_close(got.covered, want.covered, rtol=1e-6, atol=0)  # summation order
+    topk = SoftLabelKernel(model, method="topk", k=k, head_chunk_tokens=16, logprobs=False)
+    assert topk.logprobs  # a topk store always keeps them
+
+
+@pytest.mark.parametrize(
+    ("method", "logprobs"), [("sample", False), ("sample", True), ("topk", True)]
+)
+def test_fused_passes_agree_with_eager(method: str, logprobs: bool) -> None:
+    """`vocab_passes: fused` (one compiled read of the logits, exponentials recomputed only for
+    the blocks and ids used) gives the eager passes' labels: the same ids here, statistics
+    equal to float32 rounding, logprobs and tail to their float16 rounding. Rows through the
+    threads of a stage: two threads calling one compiled kernel get what one thread gets."""
+    vocab, rows, k = 5_000, 48, 16
+    model = tiny_llama(vocab, head_scale=30.0)
+    h = torch.randn(rows, 16, generator=torch.Generator().manual_seed(6))
+    u = draw_uniforms(shard_generator(1, "train", 0), rows, k, "systematic")
+    u = u if method == "sample" else None
+    eager, fused = (
+        SoftLabelKernel(
+            model, method=method, k=k, head_chunk_tokens=8, logprobs=logprobs, vocab_passes=p
+        )
+        for p in ("eager", "fused")
+    )
+    want, got = eager.from_hidden(h, u), fused.from_hidden(h, u)
+    assert torch.equal(got.ids, want.ids)
+    for name in ("covered", "entropy", "top1"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+    if logprobs:
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(got.tail, want.tail, rtol=1e-3, atol=1e-3)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        halves = list(
+            pool.map(
+                lambda a: fused.from_hidden(h[a : a + 24], u if u is None else u[a : a + 24]),
+                (0, 24),
+            )
+        )
+    assert torch.equal(torch.cat([x.ids for x in halves]), got.ids)
+    assert torch.equal(torch.cat([x.entropy for x in halves]), got.entropy)
+    with torch.inference_mode():  # the passes on a lone row give that row's bits in a group
+        logits = fused._logits(h[:8], None)  # (8, Vp)
+        part = u if u is None else u[:8]
+        group = fused._passes_rows(logits.clone(), part)
+        lone = fused._passes_rows(logits[:1].clone(), part if part is None else part[:1])
+    for a, b in zip(lone, group, strict=True):
+        assert torch.equal(a, b[:1]) or bool(a.isnan().all() and b[:1].isnan().all())
+
+
+def test_vocab_passes_resolution_and_errors(monkeypatch) -> None:
+    """auto is fused on CUDA and eager on CPU; an unknown setting, or a torch.compile that
+    cannot work on this machine, is an error naming the key and the way out."""
+    from pipeline.capture import kernel as kernel_module
+
+    assert kernel_module.resolve_vocab_passes("auto", "cpu") == "eager"
+    assert kernel_module.resolve_vocab_passes("auto", "cuda") == "fused"
+    assert kernel_module.resolve_vocab_passes("fused", "cpu") == "fused"
+    with pytest.raises(ConfigError, match=r"teacher_logits.vocab_passes: must be one of"):
+        kernel_module.resolve_vocab_passes("triton", "cuda")
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher_logits.vocab_passes: fused passes need torch.compile on cpu, which "
+        r"failed here \(.*no C\+\+ compiler found\); set vocab_passes: eager",
+    ):
+        SoftLabelKernel(
+            tiny_llama(100), method="sample", k=4, head_chunk_tokens=8, vocab_passes="fused"
+        )
 
 
 def test_systematic_draws_are_unbiased_and_stay_within_one_of_k_p() -> None:

@@ -99,13 +99,21 @@ def tokenized(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("method", "dtype"), [("topk", "auto"), ("sample", "auto"), ("sample", "bfloat16")]
+    ("method", "dtype", "passes"),
+    [
+        ("topk", "auto", "auto"),
+        ("sample", "auto", "auto"),
+        ("sample", "bfloat16", "auto"),
+        ("topk", "auto", "fused"),
+        ("sample", "auto", "fused"),
+    ],
 )
 def test_end_to_end_store_verifies(
-    tmp_path, tiny_teacher, tokenized, method, dtype, caplog
+    tmp_path, tiny_teacher, tokenized, method, dtype, passes, caplog
 ) -> None:
+    cfg = small_cfg(method=method, dtype=dtype, vocab_passes=passes)
     with caplog.at_level(logging.INFO, logger="pipeline.capture.teacher_logits"):
-        metrics = run(small_cfg(method=method, dtype=dtype), tiny_teacher, tokenized, tmp_path)
+        metrics = run(cfg, tiny_teacher, tokenized, tmp_path)
     # the time split is logged: body, head, passes and write, each with its share
     (split,) = [m for m in caplog.messages if m.startswith("time split: ")]
     assert re.fullmatch(

@@ -8,13 +8,20 @@ slices of `head_chunk_tokens` rows. Per slice, into scratch buffers reused acros
     m = max_v L;  L -= m;  E = exp(L);  S = sum_v E         logprob_v = L_v - log S
     entropy = log S - sum_v E*L / S;  top-1 probability = 1 / S
 
-then chooses k ids per position:
+(`eager`: max, subtract, exp into E, block sums, product and sum, as separate torch ops on a
+cache-sized group of rows; `fused`: one torch.compile'd kernel, `_vocab_stats`, that reads L and
+writes only the per-block and per-row results, so exponentials are recomputed for just the
+blocks and ids used below: on CUDA that replaces about eight trips over the (R, V) slice in
+memory by one; on CPU the passes are bound by the exponentials and fusing measured no faster,
+so `auto` keeps CPU eager), then chooses k ids per position:
 
 - `topk`: the k largest logits. The row is cut into blocks of BLOCK ids; the k blocks with the
   largest block maxima must hold every top-k id (each block outside them has k blocks whose
   maxima rank above all of its elements), so `topk` runs on k*BLOCK candidates, not V.
 - `sample`: k draws by inverse CDF, two-level: a float64 cumulative sum over the
-  block sums picks a block, a cumulative sum inside that block picks the id. The CDF points
+  block sums picks a block, a cumulative sum inside that block picks the id, taken once per
+  distinct (row, block) however many draws land there (16 distinct blocks for 32 draws on the
+  default run: half the work of one sum per draw, the same values). The CDF points
   (k independent uniforms, or one uniform spread systematically: `draw_uniforms`) come
   from a CPU `torch.Generator` seeded per shard (`shard_generator`) and are drawn row by row in
   shard order, so the draws depend on neither batch size, slice size, device
@@ -26,14 +33,17 @@ count. They may depend, in the last bit, on the matmul shapes (batch and slice s
 fixed by the config; hence batch_size and head_chunk_tokens are part of the resume key.
 
 Ids are stored in one canonical order, by descending logprob then ascending id (duplicates of a
-sampled id stay, adjacent). `tail` is log of the mass outside the *distinct* ids, summed without
-cancellation: untouched blocks' sums plus the touched blocks re-summed with the chosen ids zeroed;
-where that underflows (mass < 1e-30) it is recomputed exactly as logsumexp over the uncovered
-logits (-inf when every id is covered), once per batch for the few rows concerned.
+sampled id stay, adjacent). A `sample` store that keeps no logprobs (`logprobs=False`) gets its
+draws in ascending id order and skips the logprob sort and the tail below (`logprobs` and
+`tail` come back NaN): the writer re-encodes the draws as distinct ids and counts anyway.
+`tail` is log of the mass outside the *distinct* ids, summed without cancellation: untouched
+blocks' sums plus the touched blocks re-summed with the chosen ids zeroed; where that underflows
+(mass < 1e-30) it is recomputed exactly as logsumexp over the uncovered logits (-inf when every
+id is covered), once per batch for the few rows concerned.
 
 Trade-off: every statistic costs a few extra streaming passes over each (R, V) slice instead of
-one over a (B, T, V) tensor, so memory is ~3 x R x V x 4 bytes whatever the batch, and small
-slices stay cache-resident; the price is a per-slice kernel-launch overhead on GPUs (keep R large
+one over a (B, T, V) tensor, so memory is ~3 x R x V x 4 bytes whatever the batch (1 x fused),
+and small slices stay cache-resident; the price is a per-slice kernel-launch overhead on GPUs (keep R large
 there) and an fp32 head (on CUDA a half-precision matmul with fp32 output when torch supports it,
 which computes the same products exactly).
 """
@@ -54,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.errors import ConfigError, InputError, first_line
 from pipeline.store.format import LEGACY_SAMPLING, METHODS, SAMPLINGS
 
 FORMAT_VERSION = 1
@@ -85,11 +95,14 @@ class SoftLabels:
     """Soft labels of a batch, on the compute device. Leading dims (B, T) or (N,)."""
 
     ids: torch.Tensor
-    """(..., k) int32: stored ids, by descending logprob then ascending id."""
+    """(..., k) int32: stored ids, by descending logprob then ascending id (ascending id
+    without logprobs)."""
     logprobs: torch.Tensor
-    """(..., k) float16: teacher log-probabilities of `ids` (temperature 1)."""
+    """(..., k) float16: teacher log-probabilities of `ids` (temperature 1); NaN from a kernel
+    built with `logprobs=False`."""
     tail: torch.Tensor
-    """(...,) float16: log of the mass outside the distinct `ids` (-inf if none is left)."""
+    """(...,) float16: log of the mass outside the distinct `ids` (-inf if none is left); NaN
+    from a kernel built with `logprobs=False`."""
     covered: torch.Tensor
     """(...,) float32: probability mass of the distinct `ids`."""
     entropy: torch.Tensor
@@ -196,6 +209,26 @@ def draw_uniforms(
     return (u + torch.arange(k, dtype=torch.float64)) / k  # (rows, k) ascending
 
 
+VOCAB_PASSES = ("auto", "fused", "eager")
+"""`teacher_logits.vocab_passes` values (`resolve_vocab_passes`)."""
+
+
+def resolve_vocab_passes(setting: str, device: str) -> str:
+    """`fused` or `eager` for a `vocab_passes` setting on a device type ("cpu" / "cuda").
+
+    auto: fused on CUDA, where the passes are bound by memory and one read of the logits
+    replaces about eight; eager on CPU, where they are bound by the exponentials and fusing
+    measured no faster at V = 4,096 (see docs/teacher-logits.md). The two give the same
+    labels up to the last bit of float32 sums, so the choice is part of the resume key."""
+    if setting not in VOCAB_PASSES:
+        raise ConfigError(
+            f"teacher_logits.vocab_passes: must be one of {VOCAB_PASSES}, got {setting!r}"
+        )
+    if setting != "auto":
+        return setting
+    return "fused" if device == "cuda" else "eager"
+
+
 PHASES = ("body", "head", "passes")
 """Where a batch's compute time goes: the backbone, the output-head matmul, and the
 vocabulary-wide passes and id choice that follow it (`PhaseClock`)."""
@@ -246,7 +279,16 @@ class SoftLabelKernel:
     scratch buffers, one set per calling thread, so several threads may use one kernel.
     """
 
-    def __init__(self, model: nn.Module, *, method: str, k: int, head_chunk_tokens: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        method: str,
+        k: int,
+        head_chunk_tokens: int,
+        logprobs: bool = True,
+        vocab_passes: str = "eager",
+    ) -> None:
         if method not in METHODS:
             raise ConfigError(f"teacher_logits.method: must be one of {METHODS}, got {method!r}")
         self.split = split_causal_lm(model)
@@ -262,6 +304,15 @@ class SoftLabelKernel:
                 f"teacher_logits.head_chunk_tokens: must be >= 1, got {head_chunk_tokens}"
             )
         self.method, self.k, self.rows = method, k, head_chunk_tokens
+        self.logprobs = logprobs or method == "topk"
+        """Whether `logprobs` and `tail` are computed (a `sample` store written without them
+        skips their sort and coverage passes; see `SoftLabels`)."""
+        if vocab_passes not in ("fused", "eager"):
+            raise ValueError(
+                f"vocab_passes must be resolved to fused or eager, got {vocab_passes!r}"
+            )
+        self.fused = vocab_passes == "fused"
+        """Whether the vocabulary-wide passes run as one compiled kernel (`_vocab_stats`)."""
         self.device = weight.device
         self.padded = math.ceil(self.vocab_size / BLOCK) * BLOCK
         self.blocks = self.padded // BLOCK
@@ -290,6 +341,7 @@ class SoftLabelKernel:
         fit = max(MIN_GROUP, GROUP_BYTES // (self.padded * 4))
         self.group = self.rows if self.device.type == "cuda" else min(self.rows, fit)
         self._local = threading.local()  # per-thread scratch buffers
+        self._stats = _compile_stats(self.device, self.padded) if self.fused else None
 
     # -- public -----------------------------------------------------------------------------
 
@@ -419,32 +471,53 @@ class SoftLabelKernel:
         """The passes on rows L (R, Vp): max, exponentials, block sums, entropy, the k ids,
         their logprobs, coverage and tail."""
         r, nb = L.shape[0], self.blocks
-        if self.method == "topk":
-            block_max = L.view(r, nb, BLOCK).amax(-1)  # (R, nb)
+        block_max = None
+        if self.fused:  # one read of L; exponentials recomputed only where they are needed
+            block_max, block_sum, el = _vocab_stats_rows(self._stats, L)
             m = block_max.amax(-1, keepdim=True)  # (R, 1)
+            exps = _Exps(L, m, None)
         else:
-            m = L.amax(-1, keepdim=True)  # (R, 1)
-        L.sub_(m)  # shifted logits, max 0
-        E = torch.exp(L, out=self._buffer("exp", r))  # (R, Vp) in [0, 1]
-        block_sum = E.view(r, nb, BLOCK).sum(-1)  # (R, nb)
+            if self.method == "topk":
+                block_max = L.view(r, nb, BLOCK).amax(-1)  # (R, nb)
+                m = block_max.amax(-1, keepdim=True)  # (R, 1)
+            else:
+                m = L.amax(-1, keepdim=True)  # (R, 1)
+            L.sub_(m)  # shifted logits, max 0
+            E = torch.exp(L, out=self._buffer("exp", r))  # (R, Vp) in [0, 1]
+            block_sum = E.view(r, nb, BLOCK).sum(-1)  # (R, nb)
+            el = _rowsum(torch.mul(E, L, out=self._buffer("scratch", r)))  # (R,) sum_v E*L
+            exps = _Exps(L, m, E)
         cdf = block_sum.double().cumsum(-1)  # (R, nb) float64
         total = cdf[:, -1]  # (R,) = S >= 1
         log_total = total.log()  # (R,) float64
-        el = _rowsum(torch.mul(E, L, out=self._buffer("scratch", r)))  # (R,) sum_v E*L
         entropy = (log_total - el.double() / total).float()
         top1 = total.reciprocal().float()
         # (R, k) int64 ids
-        ids = self._topk(L, block_max) if self.method == "topk" else self._sample(E, cdf, u)
+        if self.method == "topk":
+            assert block_max is not None
+            ids = self._topk(L, block_max)
+        else:
+            ids = self._sample(exps, cdf, u)
         # canonical order: ascending id, then (stable) descending logprob
         ids = ids.sort(-1).values  # (R, k) int64
-        blk = ids // BLOCK  # (R, k) ascending: the blocks holding the chosen ids
-        lp = (L.gather(-1, ids).double() - log_total[:, None]).float()  # (R, k)
+        if not self.logprobs:  # ascending ids, duplicates adjacent; no logprobs, no tail
+            covered_e = _rowsum((exps.at(ids) * _distinct(ids)).double())  # (R,)
+            nan = torch.full(ids.shape[:1], math.nan, dtype=torch.float16, device=L.device)
+            return (
+                ids.to(torch.int32),
+                nan[:, None].expand(ids.shape),
+                nan,
+                (covered_e / total).float(),
+                entropy,
+                top1,
+                torch.zeros_like(nan, dtype=torch.bool),
+            )
+        uncovered = _uncovered(exps, block_sum, ids)  # (R,) float64
+        lp = (exps.shifted_at(ids).double() - log_total[:, None]).float()  # (R, k)
         lp, order = lp.sort(dim=-1, descending=True, stable=True)
         ids = ids.gather(-1, order)
-        distinct = torch.ones_like(ids, dtype=torch.bool)
-        distinct[:, 1:] = ids[:, 1:] != ids[:, :-1]  # duplicates are adjacent
-        covered_e = _rowsum((E.gather(-1, ids) * distinct).double())  # (R,)
-        uncovered = self._uncovered(E, block_sum, ids, blk)  # (R,) float64, E is clobbered
+        distinct = _distinct(ids)  # duplicates stay adjacent
+        covered_e = _rowsum((exps.at(ids) * distinct).double())  # (R,)
         tail = uncovered.log() - log_total
         tiny = uncovered < _TINY  # underflow in E: redone exactly by `from_hidden`
         return (
@@ -482,32 +555,116 @@ class SoftLabelKernel:
         s = subs.gather(-1, pos // SUB)  # (R, k) sub-block within the gathered blocks
         return blocks.gather(-1, s // per) * BLOCK + (s % per) * SUB + pos % SUB
 
-    def _sample(self, E: torch.Tensor, cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """k inverse-CDF draws per row (R, k) int64 from unnormalised probabilities E."""
+    def _sample(self, exps: _Exps, cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """k inverse-CDF draws per row (R, k) int64 from unnormalised probabilities `exps`, each
+        row's draws in ascending order. The walk inside a block runs on each distinct
+        (row, block) once: a peaky teacher's k draws land in a few blocks, and the in-block
+        cumulative sums were the costliest step when taken once per draw (same values: the
+        sum of a block is the same whichever draw asks for it)."""
         r, nb = cdf.shape
+        k = u.shape[1]
         total = cdf[:, -1:]  # (R, 1)
         x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # (R, k)
+        if x.device.type != "cpu" or not bool((x[:, 1:] >= x[:, :-1]).all()):
+            x = x.sort(-1).values  # a draw's id depends on its point only: order is free
         blk = torch.searchsorted(cdf, x, right=True)  # (R, k): cdf[blk-1] <= x < cdf[blk]
         base = F.pad(cdf, (1, 0)).gather(-1, blk)  # cdf[blk-1], 0 for the first block
-        rest = (x - base).float()[..., None]  # (R, k, 1) mass to walk inside the block
-        inner = _blocks(E, blk).cumsum(-1)  # (R, k, BLOCK)
-        last = inner[..., -1:]
+        rest = (x - base).float().view(-1, 1)  # (R*k, 1) mass to walk inside the block
+        key = (torch.arange(r, device=cdf.device)[:, None] * nb + blk).view(-1)  # (R*k,) sorted
+        uniq, which = torch.unique_consecutive(key, return_inverse=True)  # (U,), (R*k,)
+        inner = exps.flat_blocks(uniq).cumsum(-1)  # (U, BLOCK)
+        inner = inner.index_select(0, which)  # (R*k, BLOCK)
+        last = inner[:, -1:]
         rest = torch.minimum(rest, torch.nextafter(last, torch.zeros_like(last)))
-        pos = torch.searchsorted(inner, rest, right=True).squeeze(-1)  # (R, k)
+        pos = torch.searchsorted(inner, rest, right=True).view(r, k)  # (R, k)
         return blk * BLOCK + pos
 
-    def _uncovered(
-        self, E: torch.Tensor, block_sum: torch.Tensor, ids: torch.Tensor, blk: torch.Tensor
-    ) -> torch.Tensor:
-        """Mass (unnormalised, float64) outside the distinct ids, as a sum of non-negative terms:
-        the blocks holding no chosen id plus the chosen ids' blocks re-summed without them.
-        `blk` (R, k): the ids' blocks in ascending order."""
-        E.scatter_(-1, ids, 0.0)
-        first = torch.ones_like(blk, dtype=torch.bool)
-        first[:, 1:] = blk[:, 1:] != blk[:, :-1]
-        touched = (_blocks(E, blk).sum(-1) * first).double().sum(-1)  # (R,)
-        untouched = _rowsum(block_sum.scatter(-1, blk, 0.0).double())  # (R,)
-        return touched + untouched
+
+def _uncovered(exps: _Exps, block_sum: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mass (unnormalised, float64) outside the distinct `ids` (R, k), ascending: a sum of
+    non-negative terms, the blocks holding no chosen id plus the chosen ids' blocks re-summed
+    without them (no cancellation)."""
+    r, k = ids.shape
+    blk = ids // BLOCK  # (R, k) ascending
+    touched = exps.blocks(blk)  # (R, k, BLOCK), a copy
+    same = blk[:, :, None] == blk[:, None, :]  # (R, k, k): ids j' in the block of slot j
+    hit = torch.zeros(touched.shape, dtype=torch.int32, device=ids.device)
+    hit.scatter_add_(-1, (ids % BLOCK)[:, None, :].expand(r, k, k), same.to(torch.int32))
+    touched.masked_fill_(hit > 0, 0.0)
+    kept = (touched.sum(-1) * _distinct(blk)).double().sum(-1)  # (R,)
+    untouched = _rowsum(block_sum.scatter(-1, blk, 0.0).double())  # (R,)
+    return kept + untouched
+
+
+class _Exps:
+    """exp(L - m) of a row group's logits, as the passes after the normaliser ask for it.
+
+    Eager passes wrote every exponential once (`E`, with `L` shifted in place); fused passes
+    wrote none, so the few entries asked for (the chosen ids, the blocks the draws land in) are
+    recomputed from the logits, the same float32 operations elementwise.
+    """
+
+    def __init__(self, L: torch.Tensor, m: torch.Tensor, E: torch.Tensor | None) -> None:
+        self.L, self.m, self.E = L, m, E  # L (R, Vp): shifted iff E is given; m (R, 1)
+
+    def shifted_at(self, ids: torch.Tensor) -> torch.Tensor:
+        """L - m at ids (R, j)."""
+        values = self.L.gather(-1, ids)
+        return values if self.E is not None else values - self.m
+
+    def at(self, ids: torch.Tensor) -> torch.Tensor:
+        """exp(L - m) at ids (R, j)."""
+        return self.E.gather(-1, ids) if self.E is not None else self.shifted_at(ids).exp()
+
+    def blocks(self, blk: torch.Tensor) -> torch.Tensor:
+        """Blocks blk (R, j) of every row, (R, j, BLOCK)."""
+        if self.E is not None:
+            return _blocks(self.E, blk)
+        return (_blocks(self.L, blk) - self.m[:, :, None]).exp_()
+
+    def flat_blocks(self, keys: torch.Tensor) -> torch.Tensor:
+        """Blocks by flat key row * blocks + block (n,), (n, BLOCK)."""
+        source = self.E if self.E is not None else self.L
+        r, vp = source.shape
+        out = source.view(r * (vp // BLOCK), BLOCK).index_select(0, keys)
+        if self.E is not None:
+            return out
+        return out.sub_(self.m.view(-1).index_select(0, keys // (vp // BLOCK))[:, None]).exp_()
+
+
+def _vocab_stats(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vocabulary-wide passes fused (`vocab_passes: fused`, compiled by torch.compile):
+    from logits L (R, Vp), block maxima (R, nb), block sums of E = exp(L - m) (R, nb) and
+    sum_v E_v (L_v - m) (R,), m the row maximum, reading L and writing nothing of size Vp."""
+    r, vp = L.shape
+    block_max = L.view(r, vp // BLOCK, BLOCK).amax(-1)  # (R, nb)
+    shifted = L - block_max.amax(-1, keepdim=True)  # (R, Vp), fused away
+    E = shifted.exp()
+    return block_max, E.view(r, vp // BLOCK, BLOCK).sum(-1), (E * shifted).sum(-1)
+
+
+def _compile_stats(device: torch.device, padded: int) -> Any:
+    """`_vocab_stats` compiled for `device` (Triton on CUDA, C++ on CPU), shape-generic, and
+    compiled now, on the calling thread, by one call: compute threads then only run it, and a
+    machine where torch.compile cannot work fails here with the key to change."""
+    stats = torch.compile(_vocab_stats, dynamic=True)
+    try:
+        with torch.inference_mode():
+            stats(torch.zeros(2, padded, device=device))
+    except Exception as e:  # inductor raises many types (no compiler, no Triton, ...)
+        raise ConfigError(
+            f"teacher_logits.vocab_passes: fused passes need torch.compile on {device.type}, "
+            f"which failed here ({first_line(e)}); set vocab_passes: eager"
+        ) from e
+    return stats
+
+
+def _vocab_stats_rows(stats: Any, L: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`stats(L)` with a lone row run as two (a compiled kernel may treat a size-1 dimension
+    differently; two copies of the row keep its results those of any other group)."""
+    if L.shape[0] != 1:
+        return stats(L)
+    return tuple(x[:1] for x in stats(torch.cat([L, L])))
 
 
 def _row_groups(rows: int, group: int) -> list[tuple[int, int]]:
@@ -517,6 +674,13 @@ def _row_groups(rows: int, group: int) -> list[tuple[int, int]]:
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
         bounds[-2:] = [(bounds[-2][0], rows)]
     return bounds
+
+
+def _distinct(ids: torch.Tensor) -> torch.Tensor:
+    """(R, k) bool: the first of each run of equal ids in rows whose duplicates are adjacent."""
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    return first
 
 
 def _rowsum(x: torch.Tensor) -> torch.Tensor:

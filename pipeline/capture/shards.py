@@ -80,6 +80,8 @@ class Job:
     """`systematic` or `iid` placement of a sample store's draws (`draw_uniforms`)."""
     batch_size: int
     head_chunk_tokens: int
+    vocab_passes: str
+    """Resolved: "fused" or "eager" (`pipeline.capture.kernel.resolve_vocab_passes`)."""
     device: str
     """Resolved: "cpu" or "cuda" (a Dask worker may pick its own "cuda:i")."""
     dtype: str
@@ -110,7 +112,12 @@ def load_teacher(teacher: str | Path, device: str, dtype: str) -> torch.nn.Modul
 def build_kernel(model: torch.nn.Module, job: Job) -> SoftLabelKernel:
     """The soft-label kernel of `model`, checked against the model's own logits."""
     kernel = SoftLabelKernel(
-        model, method=job.method, k=job.k, head_chunk_tokens=job.head_chunk_tokens
+        model,
+        method=job.method,
+        k=job.k,
+        head_chunk_tokens=job.head_chunk_tokens,
+        logprobs="logprobs" in job.spec.ARRAYS,
+        vocab_passes=job.vocab_passes,
     )
     check_split(model, kernel)
     return kernel

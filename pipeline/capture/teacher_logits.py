@@ -12,7 +12,7 @@ only then write the fidelity metrics.
 
 Resume key: sha256 over everything that determines the bytes of the store: the teacher's
 provenance sha256, each split's n, seq_len and input-id fingerprint, method, k, seed,
-chunk_sequences, shard_chunks, batch_size, head_chunk_tokens, the resolved device type and
+chunk_sequences, shard_chunks, batch_size, head_chunk_tokens, the resolved vocab_passes, device type and
 dtype, the kernel and store format versions, and the torch and transformers versions. Work
 started under another key is never mixed in. Trade-off: changing batch_size (or upgrading torch)
 restarts from scratch, because either may change floating-point results in the last bit.
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.capture.dask_runner import run_on_dask  # distributed: imported lazily
-from pipeline.capture.kernel import FORMAT_VERSION, Fidelity
+from pipeline.capture.kernel import FORMAT_VERSION, VOCAB_PASSES, Fidelity, resolve_vocab_passes
 from pipeline.capture.shards import (
     CPU_STREAMS,
     Job,
@@ -114,6 +114,12 @@ class TeacherLogitsConfig:
     so no batch is cut short at a shard's end."""
     head_chunk_tokens: int = 1024
     """Positions per slice of the output head: memory ~ 3 x this x vocab x 4 bytes."""
+    vocab_passes: Literal["auto", "fused", "eager"] = "auto"
+    """How the vocabulary-wide passes (normaliser, entropy, block sums) run: `fused`, one
+    torch.compile'd kernel that reads the logits once and writes nothing vocabulary-sized
+    (Triton on CUDA; a C++ compiler on CPU); `eager`, separate torch ops; auto = fused on
+    CUDA, eager on CPU (measured no faster fused there). Labels agree to float32 rounding, so
+    the choice is part of the resume key."""
     dask: DaskConfig = field(default_factory=DaskConfig)
     """Distributed execution (see teacher_logits.dask.*)."""
 
@@ -122,6 +128,11 @@ class TeacherLogitsConfig:
         for key in ("batch_size", "chunk_sequences", "shard_chunks", "head_chunk_tokens"):
             value = getattr(self, key)
             require(value >= 1, f"teacher_logits.{key}", f"must be >= 1, got {value}")
+        require(
+            self.vocab_passes in VOCAB_PASSES,
+            "teacher_logits.vocab_passes",
+            f"must be one of {', '.join(VOCAB_PASSES)}, got {self.vocab_passes!r}",
+        )
 
 
 # -- checks and identities --------------------------------------------------------------------
@@ -234,6 +245,7 @@ def work_key(
         "shard_chunks": cfg.shard_chunks,
         "batch_size": cfg.batch_size,
         "head_chunk_tokens": cfg.head_chunk_tokens,
+        "vocab_passes": resolve_vocab_passes(cfg.vocab_passes, device),
         "device": device,
         "dtype": dtype,
         "torch": torch.__version__,
@@ -282,6 +294,7 @@ def run_teacher_logits(
         sampling=cfg.sampling,
         batch_size=cfg.batch_size,
         head_chunk_tokens=cfg.head_chunk_tokens,
+        vocab_passes=resolve_vocab_passes(cfg.vocab_passes, device),
         device=device,
         dtype=dtype,
     )

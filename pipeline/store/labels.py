@@ -86,35 +86,42 @@ def encode_draws(
     p = n * seq_len
     draws = ids.reshape(p, k)  # (P, k)
     if logprobs is None:
-        sorted_ids = np.sort(draws, axis=1).astype(np.int64)  # (P, k)
+        sorted_ids = draws if _rows_ascending(draws) else np.sort(draws, axis=1)  # (P, k)
     else:
         order = np.argsort(draws, axis=1, kind="stable")  # (P, k)
-        sorted_ids = np.take_along_axis(draws, order, 1).astype(np.int64)  # (P, k)
+        sorted_ids = np.take_along_axis(draws, order, 1)  # (P, k)
     first = np.ones((p, k), bool)
-    first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    slot = np.cumsum(first, axis=1) - 1  # (P, k): index of each draw's distinct id
-    distinct = slot[:, -1] + 1  # (P,)
-    flat = (np.arange(p)[:, None] * k + slot).ravel()  # (P*k,)
-    counts = np.bincount(flat, minlength=p * k).reshape(p, k)  # (P, k), 0 past `distinct`
+    np.not_equal(sorted_ids[:, 1:], sorted_ids[:, :-1], out=first[:, 1:])
+    distinct = first.sum(axis=1)  # (P,)
+    # Every row starts a run, so the runs of the flattened rows are the rows' runs.
+    starts = np.flatnonzero(first)  # (D,) flat index of each distinct id's first draw
+    counts = np.diff(starts, append=p * k)  # (D,) draws of each distinct id
+    real = np.arange(k)[None, :] < distinct[:, None]  # (P, k) slots holding a distinct id
     out_ids = np.empty((p, k), np.int64)
-    rows = np.broadcast_to(np.arange(p)[:, None], (p, k))
-    out_ids[rows, slot] = sorted_ids  # a repeated id writes the same value to its slot
-    pad = np.arange(k)[None, :] >= distinct[:, None]  # (P, k) slots past the distinct ids
-    last = distinct - 1
-    out_ids = np.where(pad, out_ids[np.arange(p), last][:, None], out_ids)
+    out_ids[real] = sorted_ids.reshape(-1)[starts]  # row-major: each row's ids, then padding
+    pad = ~real
+    out_ids[pad] = np.repeat(out_ids[np.arange(p), distinct - 1], k - distinct)  # last id
     narrow(out_ids, ids_as, "ids")  # every id must fit; the gaps then do too
     deltas = np.diff(out_ids, axis=1, prepend=0)  # (P, k): first id, gaps, 0 on the padding
+    extra = np.zeros((p, k), counts_as)
+    extra[real] = counts - 1
     out = {
         "id_deltas": deltas.astype(ids_as).reshape(n, seq_len, k),
-        "extra_draws": np.where(pad, 0, counts - 1).astype(counts_as).reshape(n, seq_len, k),
+        "extra_draws": extra.reshape(n, seq_len, k),
     }
     if logprobs is not None:
         sorted_lp = np.take_along_axis(logprobs.reshape(p, k), order, 1)  # (P, k)
         out_lp = np.empty((p, k), np.float16)
-        out_lp[rows, slot] = sorted_lp
-        out_lp = np.where(pad, out_lp[np.arange(p), last][:, None], out_lp)
-        out["logprobs"] = out_lp.astype(np.float16).reshape(n, seq_len, k)
+        out_lp[real] = sorted_lp.reshape(-1)[starts]
+        out_lp[pad] = np.repeat(out_lp[np.arange(p), distinct - 1], k - distinct)
+        out["logprobs"] = out_lp.reshape(n, seq_len, k)
     return out
+
+
+def _rows_ascending(x: np.ndarray) -> bool:
+    """Whether every row of x (P, k) is already sorted (the kernel hands its draws over
+    sorted; sorting them again is most of the encoding's cost)."""
+    return bool((x[:, 1:] >= x[:, :-1]).all())
 
 
 def real_slots(id_deltas: np.ndarray) -> np.ndarray:
