@@ -512,12 +512,13 @@ class SoftLabelKernel:
                 top1,
                 torch.zeros_like(nan, dtype=torch.bool),
             )
-        uncovered = _uncovered(exps, block_sum, ids)  # (R,) float64
+        ascending = ids
         lp = (exps.shifted_at(ids).double() - log_total[:, None]).float()  # (R, k)
         lp, order = lp.sort(dim=-1, descending=True, stable=True)
         ids = ids.gather(-1, order)
         distinct = _distinct(ids)  # duplicates stay adjacent
         covered_e = _rowsum((exps.at(ids) * distinct).double())  # (R,)
+        uncovered = _uncovered(exps, block_sum, ascending)  # (R,) float64; spends `exps`
         tail = uncovered.log() - log_total
         tiny = uncovered < _TINY  # underflow in E: redone exactly by `from_hidden`
         return (
@@ -584,13 +585,8 @@ def _uncovered(exps: _Exps, block_sum: torch.Tensor, ids: torch.Tensor) -> torch
     """Mass (unnormalised, float64) outside the distinct `ids` (R, k), ascending: a sum of
     non-negative terms, the blocks holding no chosen id plus the chosen ids' blocks re-summed
     without them (no cancellation)."""
-    r, k = ids.shape
     blk = ids // BLOCK  # (R, k) ascending
-    touched = exps.blocks(blk)  # (R, k, BLOCK), a copy
-    same = blk[:, :, None] == blk[:, None, :]  # (R, k, k): ids j' in the block of slot j
-    hit = torch.zeros(touched.shape, dtype=torch.int32, device=ids.device)
-    hit.scatter_add_(-1, (ids % BLOCK)[:, None, :].expand(r, k, k), same.to(torch.int32))
-    touched.masked_fill_(hit > 0, 0.0)
+    touched = exps.blocks_without(blk, ids)  # (R, k, BLOCK)
     kept = (touched.sum(-1) * _distinct(blk)).double().sum(-1)  # (R,)
     untouched = _rowsum(block_sum.scatter(-1, blk, 0.0).double())  # (R,)
     return kept + untouched
@@ -621,6 +617,20 @@ class _Exps:
         if self.E is not None:
             return _blocks(self.E, blk)
         return (_blocks(self.L, blk) - self.m[:, :, None]).exp_()
+
+    def blocks_without(self, blk: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Blocks blk (R, k) with the entries `ids` (R, k) of their row set to 0, (R, k,
+        BLOCK). Eager: the ids are zeroed in E itself (one scatter), so this is the last use
+        of an eager `_Exps`; fused: in the recomputed blocks, by mask."""
+        if self.E is not None:
+            self.E.scatter_(-1, ids, 0.0)
+            return _blocks(self.E, blk)
+        r, k = ids.shape
+        touched = self.blocks(blk)  # (R, k, BLOCK), recomputed
+        same = blk[:, :, None] == blk[:, None, :]  # (R, k, k): ids j' in the block of slot j
+        hit = torch.zeros(touched.shape, dtype=torch.int32, device=ids.device)
+        hit.scatter_add_(-1, (ids % BLOCK)[:, None, :].expand(r, k, k), same.to(torch.int32))
+        return touched.masked_fill_(hit > 0, 0.0)
 
     def flat_blocks(self, keys: torch.Tensor) -> torch.Tensor:
         """Blocks by flat key row * blocks + block (n,), (n, BLOCK)."""
