@@ -222,7 +222,8 @@ def resolve_vocab_passes(setting: str, device: str) -> str:
     labels up to the last bit of float32 sums, so the choice is part of the resume key."""
     if setting not in VOCAB_PASSES:
         raise ConfigError(
-            f"teacher_logits.vocab_passes: must be one of {VOCAB_PASSES}, got {setting!r}"
+            f"teacher_logits.vocab_passes: must be one of {', '.join(VOCAB_PASSES)}, "
+            f"got {setting!r}"
         )
     if setting != "auto":
         return setting

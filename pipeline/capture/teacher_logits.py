@@ -12,9 +12,9 @@ only then write the fidelity metrics.
 
 Resume key: sha256 over everything that determines the bytes of the store: the teacher's
 provenance sha256, each split's n, seq_len and input-id fingerprint, method, k, seed,
-chunk_sequences, shard_chunks, batch_size, head_chunk_tokens, the resolved vocab_passes, device type and
-dtype, the kernel and store format versions, and the torch and transformers versions. Work
-started under another key is never mixed in. Trade-off: changing batch_size (or upgrading torch)
+chunk_sequences, shard_chunks, batch_size, head_chunk_tokens, the resolved vocab_passes, device
+type and dtype, the kernel and store format versions, and the torch and transformers versions.
+Work started under another key is never mixed in. Trade-off: changing batch_size (or upgrading torch)
 restarts from scratch, because either may change floating-point results in the last bit.
 
 The output appears only complete: DVC tracks `out`, which is replaced in one rename after
@@ -113,7 +113,8 @@ class TeacherLogitsConfig:
     disk at k = 32), fine for DVC. Keep chunk_sequences x shard_chunks a multiple of batch_size
     so no batch is cut short at a shard's end."""
     head_chunk_tokens: int = 1024
-    """Positions per slice of the output head: memory ~ 3 x this x vocab x 4 bytes."""
+    """Positions per slice of the output head: memory ~ 3 x this x vocab x 4 bytes (1 x with
+    fused vocab_passes)."""
     vocab_passes: Literal["auto", "fused", "eager"] = "auto"
     """How the vocabulary-wide passes (normaliser, entropy, block sums) run: `fused`, one
     torch.compile'd kernel that reads the logits once and writes nothing vocabulary-sized
