@@ -500,8 +500,13 @@ def test_the_work_lock_names_its_holder_and_is_released_when_it_is_killed(tmp_pa
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_is_byte_identical_to_in_process(tmp_path, tiny_teacher, tokenized):
-    cfg = small_cfg()  # sample: every shard draws from its own seeded stream
+@pytest.mark.parametrize("passes", ["auto", "fused"])
+def test_dask_local_cluster_is_byte_identical_to_in_process(
+    tmp_path, tiny_teacher, tokenized, passes
+):
+    """Also with fused passes: each worker compiles the kernel itself, in a worker thread, and
+    gets the in-process bits."""
+    cfg = small_cfg(vocab_passes=passes)  # sample: every shard draws from its own seeded stream
     run(cfg, tiny_teacher, tokenized, tmp_path / "local")
     dask_cfg = replace(cfg, dask=DaskConfig(enabled=True, n_workers=2))
     metrics = run(dask_cfg, tiny_teacher, tokenized, tmp_path / "dask")
