@@ -51,7 +51,7 @@ def compute_shard(job: Job, split: str, shard: int, threads: int | None) -> dict
         job.k,
         job.head_chunk_tokens,
         job.vocab_passes,
-        "logprobs" in job.spec.ARRAYS,  # what the kernel computes (`build_kernel`)
+        job.logprobs,  # what the kernel computes (`build_kernel`)
     )
     if key not in _CACHE:
         _CACHE.clear()

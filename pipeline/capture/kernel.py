@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -209,8 +209,9 @@ def draw_uniforms(
     return (u + torch.arange(k, dtype=torch.float64)) / k  # (rows, k) ascending
 
 
-VOCAB_PASSES = ("auto", "fused", "eager")
-"""`teacher_logits.vocab_passes` values (`resolve_vocab_passes`)."""
+VocabPasses = Literal["auto", "fused", "eager"]
+"""`teacher_logits.vocab_passes` (`resolve_vocab_passes`)."""
+VOCAB_PASSES: tuple[str, ...] = get_args(VocabPasses)
 
 
 def resolve_vocab_passes(setting: str, device: str) -> str:
@@ -572,7 +573,7 @@ class SoftLabelKernel:
         blk = torch.searchsorted(cdf, x, right=True)  # (R, k): cdf[blk-1] <= x < cdf[blk]
         base = F.pad(cdf, (1, 0)).gather(-1, blk)  # cdf[blk-1], 0 for the first block
         rest = (x - base).float().view(-1, 1)  # (R*k, 1) mass to walk inside the block
-        key = (torch.arange(r, device=cdf.device)[:, None] * nb + blk).view(-1)  # (R*k,) sorted
+        key = _block_keys(blk, nb)  # (R*k,) sorted
         uniq, which = torch.unique_consecutive(key, return_inverse=True)  # (U,), (R*k,)
         inner = exps.flat_blocks(uniq).cumsum(-1)  # (U, BLOCK)
         inner = inner.index_select(0, which)  # (R*k, BLOCK)
@@ -615,9 +616,8 @@ class _Exps:
 
     def blocks(self, blk: torch.Tensor) -> torch.Tensor:
         """Blocks blk (R, j) of every row, (R, j, BLOCK)."""
-        if self.E is not None:
-            return _blocks(self.E, blk)
-        return (_blocks(self.L, blk) - self.m[:, :, None]).exp_()
+        r, j = blk.shape
+        return self.flat_blocks(_block_keys(blk, self.L.shape[1] // BLOCK)).view(r, j, BLOCK)
 
     def blocks_without(self, blk: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Blocks blk (R, k) with the entries `ids` (R, k) of their row set to 0, (R, k,
@@ -625,7 +625,7 @@ class _Exps:
         of an eager `_Exps`; fused: in the recomputed blocks, by mask."""
         if self.E is not None:
             self.E.scatter_(-1, ids, 0.0)
-            return _blocks(self.E, blk)
+            return self.blocks(blk)
         r, k = ids.shape
         touched = self.blocks(blk)  # (R, k, BLOCK), recomputed
         same = blk[:, :, None] == blk[:, None, :]  # (R, k, k): ids j' in the block of slot j
@@ -716,8 +716,14 @@ def _blocks(x: torch.Tensor, blk: torch.Tensor) -> torch.Tensor:
     block (index_select on whole blocks is several times faster than an elementwise gather)."""
     r, j = blk.shape
     nb = x.shape[1] // BLOCK
-    rows = torch.arange(r, device=x.device)[:, None] * nb  # (R, 1)
-    return x.view(r * nb, BLOCK).index_select(0, (rows + blk).reshape(-1)).view(r, j, BLOCK)
+    return x.view(r * nb, BLOCK).index_select(0, _block_keys(blk, nb)).view(r, j, BLOCK)
+
+
+def _block_keys(blk: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Flat keys row * blocks + block (R*j,) of blocks `blk` (R, j): rows of a (R * blocks,
+    BLOCK) view of (R, Vp) values."""
+    rows = torch.arange(blk.shape[0], device=blk.device)[:, None] * blocks  # (R, 1)
+    return (rows + blk).reshape(-1)
 
 
 def _mm_out_dtype_works(weight: torch.Tensor) -> bool:

@@ -87,6 +87,11 @@ class Job:
     dtype: str
     """Resolved: "float32", "bfloat16" or "float16"."""
 
+    @property
+    def logprobs(self) -> bool:
+        """Whether the store keeps logprobs and tails (and so the kernel computes them)."""
+        return "logprobs" in self.spec.ARRAYS
+
 
 # -- inputs -----------------------------------------------------------------------------------
 
@@ -116,7 +121,7 @@ def build_kernel(model: torch.nn.Module, job: Job) -> SoftLabelKernel:
         method=job.method,
         k=job.k,
         head_chunk_tokens=job.head_chunk_tokens,
-        logprobs="logprobs" in job.spec.ARRAYS,
+        logprobs=job.logprobs,
         vocab_passes=job.vocab_passes,
     )
     check_split(model, kernel)

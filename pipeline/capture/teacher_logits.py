@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.capture.dask_runner import run_on_dask  # distributed: imported lazily
-from pipeline.capture.kernel import FORMAT_VERSION, VOCAB_PASSES, Fidelity, resolve_vocab_passes
+from pipeline.capture.kernel import FORMAT_VERSION, Fidelity, VocabPasses, resolve_vocab_passes
 from pipeline.capture.shards import (
     CPU_STREAMS,
     Job,
@@ -115,7 +115,7 @@ class TeacherLogitsConfig:
     head_chunk_tokens: int = 1024
     """Positions per slice of the output head: memory ~ 3 x this x vocab x 4 bytes (1 x with
     fused vocab_passes)."""
-    vocab_passes: Literal["auto", "fused", "eager"] = "auto"
+    vocab_passes: VocabPasses = "auto"
     """How the vocabulary-wide passes (normaliser, entropy, block sums) run: `fused`, one
     torch.compile'd kernel that reads the logits once and writes nothing vocabulary-sized
     (Triton on CUDA; a C++ compiler on CPU); `eager`, separate torch ops; auto = fused on
@@ -129,11 +129,6 @@ class TeacherLogitsConfig:
         for key in ("batch_size", "chunk_sequences", "shard_chunks", "head_chunk_tokens"):
             value = getattr(self, key)
             require(value >= 1, f"teacher_logits.{key}", f"must be >= 1, got {value}")
-        require(
-            self.vocab_passes in VOCAB_PASSES,
-            "teacher_logits.vocab_passes",
-            f"must be one of {', '.join(VOCAB_PASSES)}, got {self.vocab_passes!r}",
-        )
 
 
 # -- checks and identities --------------------------------------------------------------------
@@ -227,8 +222,10 @@ def work_key(
     fingerprints: dict[str, dict[str, Any]],
     device: str,
     dtype: str,
+    vocab_passes: str,
 ) -> dict[str, Any]:
-    """Everything that determines the store's bytes (module docstring), as plain data."""
+    """Everything that determines the store's bytes (module docstring), as plain data;
+    `vocab_passes` resolved (`resolve_vocab_passes`)."""
     import torch
     import transformers
 
@@ -246,7 +243,7 @@ def work_key(
         "shard_chunks": cfg.shard_chunks,
         "batch_size": cfg.batch_size,
         "head_chunk_tokens": cfg.head_chunk_tokens,
-        "vocab_passes": resolve_vocab_passes(cfg.vocab_passes, device),
+        "vocab_passes": vocab_passes,
         "device": device,
         "dtype": dtype,
         "torch": torch.__version__,
@@ -280,7 +277,8 @@ def run_teacher_logits(
         for s, d in data.splits.items()
     }
     spec = store_spec(cfg, prov, fingerprints)
-    key = work_key(cfg, prov, fingerprints, device, dtype)
+    vocab_passes = resolve_vocab_passes(cfg.vocab_passes, device)
+    key = work_key(cfg, prov, fingerprints, device, dtype, vocab_passes)
     kdir = Path(work_dir) / key_digest(key)
     store, records = kdir / out.name, kdir / "shards"
     job = Job(
@@ -295,7 +293,7 @@ def run_teacher_logits(
         sampling=cfg.sampling,
         batch_size=cfg.batch_size,
         head_chunk_tokens=cfg.head_chunk_tokens,
-        vocab_passes=resolve_vocab_passes(cfg.vocab_passes, device),
+        vocab_passes=vocab_passes,
         device=device,
         dtype=dtype,
     )
