@@ -465,3 +465,22 @@ def test_save_keeps_the_previous_checkpoint_and_a_kill_between_renames_resumes_i
     assert ckpt.resume(tmp_path, seen.append)["step"] == 4
     assert len(seen) == 1 and not (tmp_path / ".latest.pt.tmp-123").exists()
     ckpt.remove(tmp_path / "key")  # nothing there: no error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_refused_before_any_work(tmp_path) -> None:
+    """The student stages resolve `device` with the one rule of pipeline.core.device: the same
+    message as teacher_logits, naming the stage's key, before a rank is started."""
+    from pipeline.classify.student import ClassifyStudentConfig
+    from pipeline.classify.student import _resolve as classify_device
+    from pipeline.student.train_student import check_launch
+
+    with pytest.raises(ConfigError) as e:
+        check_launch(TrainStudentConfig(device="cuda"), logits=tmp_path / "l.zarr", teacher=None)
+    assert str(e.value) == (
+        "train_student.device: cuda requested but no CUDA device is available to torch; "
+        "use auto or cpu"
+    )
+    with pytest.raises(ConfigError, match=r"^classify_student\.device: cuda requested"):
+        classify_device(ClassifyStudentConfig(device="cuda"))
+    assert check_launch(TrainStudentConfig(), logits=tmp_path / "l.zarr", teacher=None) is None

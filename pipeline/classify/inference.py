@@ -26,18 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.core.errors import ConfigError, InputError, first_line, load_errors
+from pipeline.core.errors import InputError, first_line, load_errors
 
 _DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
-
-
-def resolve_device(device: str, key: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU; `cuda` without CUDA is a ConfigError on `key`."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}: 'cuda' requested but no CUDA device is available; use auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def looks_like_path(name: str) -> bool:

@@ -73,7 +73,7 @@ from pipeline.classify.student_data import TrainingSet, read_soft_labels
 from pipeline.core.atomic import atomic_dir, check_destinations
 from pipeline.core.config import require, to_dict
 from pipeline.core.curves import Curves
-from pipeline.core.device import resolve_device
+from pipeline.core.device import torch_device
 from pipeline.core.errors import ConfigError, InputError, first_line, load_errors
 from pipeline.core.provenance import (
     PROVENANCE_FILE,
@@ -496,7 +496,7 @@ def _check_inputs(cfg: ClassifyStudentConfig, logits: Path | None, teacher: Path
 
 
 def _resolve(cfg: ClassifyStudentConfig) -> torch.device:
-    return torch.device(resolve_device(cfg.device, "auto", section=SECTION)[0])
+    return torch_device(cfg.device, section=SECTION)
 
 
 def _check_request(

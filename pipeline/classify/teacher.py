@@ -52,10 +52,10 @@ from pipeline.classify.inference import (
     load_classifier,
     looks_like_path,
     pad_batch,
-    resolve_device,
 )
 from pipeline.core.atomic import atomic_dir, check_destinations
 from pipeline.core.config import require, to_dict
+from pipeline.core.device import torch_device
 from pipeline.core.errors import ConfigError, InputError, first_line, load_errors
 from pipeline.core.provenance import (
     PROVENANCE_FILE,
@@ -218,7 +218,7 @@ def prepare_classify_teacher(
     """
     check_destinations(out, metrics)  # fail now, not after the work
     corpus = read_labeled_corpus(corpus_cfg)
-    device = resolve_device(cfg.device, f"{SECTION}.device")
+    device = torch_device(cfg.device, section=SECTION)
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -7,7 +7,12 @@ kernels), as is `cuda` on a machine without one; each error names the stage's pa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pipeline.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str, dtype: str, *, section: str) -> tuple[str, str]:
@@ -33,3 +38,11 @@ def resolve_device(device: str, dtype: str, *, section: str) -> tuple[str, str]:
             "use float32 or bfloat16, or run on CUDA"
         )
     return dev, dtype
+
+
+def torch_device(device: str, *, section: str) -> torch.device:
+    """The torch device for `<section>.device` (auto | cpu | cuda), for stages whose compute
+    dtype is not a param: the same rule and errors as `resolve_device`."""
+    import torch
+
+    return torch.device(resolve_device(device, "auto", section=section)[0])

@@ -52,6 +52,7 @@ import pipeline
 from pipeline.core.atomic import atomic_dir, check_destinations
 from pipeline.core.config import require, to_dict
 from pipeline.core.curves import Curves
+from pipeline.core.device import torch_device
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.provenance import (
     LM_TEACHER_KEYS,
@@ -372,14 +373,9 @@ def _check_request(
         )
     if teacher is not None and not Path(teacher).is_dir():
         raise InputError(f"{teacher}: teacher folder not found (run `dvc repro prepare_teacher`)")
-    name = cfg.device
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train_student.device: 'cuda' requested but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.teacher == "store" and logits is None:
         raise ConfigError("train_student.teacher: store needs --logits <logits store>")
-    return torch.device(name)
+    return torch_device(cfg.device, section="train_student")
 
 
 def check_launch(cfg: TrainStudentConfig, *, logits: Path | None, teacher: Path | None) -> None:
