@@ -6,7 +6,9 @@ split:
 
 - `ce`: hard labels only (alpha = 0);
 - `full`: the teacher run live, full-vocabulary KD (alpha = 1);
-- `sample`: stored `sample` labels with k in --sample-k (alpha = 1);
+- `sample`: stored `sample` labels with k in --sample-k (alpha = 1), with the params'
+  `train_student.singleton_weight` or each of --singleton-weight (a weight other than the
+  params' is reported under "<k>/w<weight>", e.g. "32/w1.0" for the unbiased estimator);
 - `topk`: stored top-k labels with k = --topk-k, pure (alpha = 1) and mixed with CE
   (alpha = 0.5), each tail mode (renorm, bucket, ignore).
 
@@ -102,10 +104,14 @@ def store_for(method: str, k: int, params: dict, args: argparse.Namespace) -> Pa
 
 def live_perplexity(cfg: TrainStudentConfig, args: argparse.Namespace, **kw) -> float:
     """`perplexity` of a live-teacher run, cached in --work: on CPU such a run is a pure
-    function of the config, the teacher and the data (and takes 4x a stored run)."""
+    function of the config, the teacher and the data (and takes 4x a stored run). The key
+    leaves out `singleton_weight`, which only a sample store's loss reads, so runs cached
+    before that param existed stay valid."""
+    config = dataclasses.asdict(cfg)
+    del config["singleton_weight"]
     key = json.dumps(
         {
-            "config": dataclasses.asdict(cfg),
+            "config": config,
             "teacher": read_provenance(args.teacher, LM_TEACHER_KEYS)["sha256"],
             "data": load_tokenized(args.tokenized, ["train", "validation"]).fingerprints(),
             "kw": {k: str(v) for k, v in kw.items()},
@@ -139,6 +145,12 @@ def perplexity(cfg: TrainStudentConfig, args: argparse.Namespace, **kw) -> float
 VARIANTS = ("ce", "full", "sample", "topk")
 
 
+def sample_name(k: int, weight: float, base: TrainStudentConfig) -> str:
+    """A sample variant's key in the results: "<k>", or "<k>/w<weight>" for a singleton
+    weight other than the params'."""
+    return str(k) if weight == base.singleton_weight else f"{k}/w{weight}"
+
+
 def summary(values: list[float]) -> dict:
     """Mean, sample standard deviation and the values (per seed)."""
     mean = statistics.fmean(values)
@@ -159,6 +171,13 @@ def main() -> None:
     parser.add_argument("--sample-k", type=int, nargs="+", default=[12, 32])
     parser.add_argument("--topk-k", type=int, default=32)
     parser.add_argument(
+        "--singleton-weight",
+        type=float,
+        nargs="+",
+        default=None,
+        help="sample variants' train_student.singleton_weight values (default: params')",
+    )
+    parser.add_argument(
         "--seeds", type=int, nargs="+", default=None, help="student seeds (default: params')"
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -176,6 +195,8 @@ def main() -> None:
     base = from_params(TrainStudentConfig, params, "train_student")
     base = dataclasses.replace(base, teacher="store", temperature=1.0, loss="kl")
     seeds = args.seeds or [base.seed]
+    weights = args.singleton_weight or [base.singleton_weight]
+    samples = [sample_name(k, w, base) for k, w in itertools.product(args.sample_k, weights)]
     wanted = set(args.variants)
     stores = {}
     if "sample" in wanted:
@@ -200,10 +221,10 @@ def main() -> None:
                     live, args, logits=None, teacher=args.teacher, chunk_sequences=block
                 )
             )
-        for k in args.sample_k if "sample" in wanted else []:
-            print(f"seed {seed}: sample k={k}", file=sys.stderr)
-            cfg = dataclasses.replace(seeded, alpha=1.0)
-            runs.setdefault(f"sample/{k}", []).append(
+        for k, weight in itertools.product(args.sample_k, weights) if "sample" in wanted else []:
+            print(f"seed {seed}: sample k={k} singleton_weight={weight}", file=sys.stderr)
+            cfg = dataclasses.replace(seeded, alpha=1.0, singleton_weight=weight)
+            runs.setdefault(f"sample/{sample_name(k, weight, base)}", []).append(
                 perplexity(cfg, args, logits=stores[("sample", k)])
             )
         for alpha, tail in itertools.product((1.0, 0.5), TAILS) if "topk" in wanted else []:
@@ -220,7 +241,7 @@ def main() -> None:
     if "full" in runs:
         result["ppl_full"] = summary(runs["full"])["mean"]
     if "sample" in wanted:
-        result["ppl_sample"] = {str(k): summary(runs[f"sample/{k}"])["mean"] for k in args.sample_k}
+        result["ppl_sample"] = {name: summary(runs[f"sample/{name}"])["mean"] for name in samples}
     if "topk" in wanted:
         result["ppl_topk"] = {
             name.removeprefix("topk/"): summary(v)["mean"]
@@ -229,10 +250,10 @@ def main() -> None:
         }
     if "sample" in wanted and "full" in runs:
         gaps = {
-            str(k): [
-                100 * (s / f - 1) for s, f in zip(runs[f"sample/{k}"], runs["full"], strict=True)
+            name: [
+                100 * (s / f - 1) for s, f in zip(runs[f"sample/{name}"], runs["full"], strict=True)
             ]
-            for k in args.sample_k
+            for name in samples
         }
         result["sample_vs_full_pct"] = {k: round(statistics.fmean(g), 2) for k, g in gaps.items()}
         print(

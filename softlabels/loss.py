@@ -22,7 +22,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from pipeline.store.format import LEGACY_SAMPLING, read_attrs, sampling_of
-from pipeline.student.losses import LossParts, check_options, classification_kd_loss
+from pipeline.student.losses import (
+    SINGLETON_WEIGHT,
+    LossParts,
+    check_options,
+    check_singleton_weight,
+    classification_kd_loss,
+)
 from pipeline.student.trainer import LossSettings, batch_loss, check_loss_for_store
 
 
@@ -31,8 +37,8 @@ class DistillationLoss(nn.Module):
 
     method: the store's (`topk` or `sample`; `from_store` reads it). alpha, temperature, loss
     (`kl` | `reverse_kl`), tail (`renorm` | `bucket` | `ignore`, top-k stores) and
-    sample_weights (`empirical` | `inclusion`, sample stores) mean what the `train_student`
-    params of the same names mean (docs/train-student.md); sampling is a sample store's
+    sample_weights (`empirical` | `inclusion`) and singleton_weight (sample stores) mean what
+    the `train_student` params of the same names mean (docs/train-student.md); sampling is a sample store's
     attribute (`systematic` | `iid`, which the inclusion weights depend on; `from_store`
     reads it). `forward` returns the scalar loss;
     `last` keeps the detached parts (total, kd, ce) of the latest call for logging.
@@ -48,9 +54,14 @@ class DistillationLoss(nn.Module):
         tail: str = "bucket",
         sample_weights: str = "empirical",
         sampling: str = LEGACY_SAMPLING,
+        singleton_weight: float = SINGLETON_WEIGHT,
     ) -> None:
         super().__init__()
         check_options(loss=loss, tail=tail, method=method, temperature=temperature)
+        if method == "sample":
+            check_singleton_weight(
+                singleton_weight, temperature=temperature, weights=sample_weights
+            )
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.settings = LossSettings(
@@ -61,6 +72,7 @@ class DistillationLoss(nn.Module):
             method=method,
             sample_weights=sample_weights,
             sampling=sampling,
+            singleton_weight=singleton_weight,
         )
         self.last: LossParts | None = None
 
@@ -75,6 +87,7 @@ class DistillationLoss(nn.Module):
             loss=settings.get("loss", "kl"),
             temperature=settings.get("temperature", 1.0),
             sample_weights=settings.get("sample_weights", "empirical"),
+            singleton_weight=settings.get("singleton_weight", SINGLETON_WEIGHT),
             store=store,
             section="DistillationLoss",
         )

@@ -13,6 +13,7 @@ from pipeline.student.losses import (
     LOSSES,
     TAILS,
     check_options,
+    check_singleton_weight,
     distillation_loss,
     distinct_mask,
     full_kd,
@@ -272,3 +273,109 @@ def test_sampled_kd_is_unbiased_under_systematic_sampling(weights: str) -> None:
     assert float(est.mean()) == pytest.approx(
         float(exact), abs=4 * float(est.std()) / n**0.5 + 1e-4
     )
+
+
+def shrunk_target(z: torch.Tensor, ids: torch.Tensor, weight: float) -> torch.Tensor:
+    """(..., V) the target t of the shrunk estimator built densely (test-side reference):
+    counts over the vocabulary, ids drawn >= 2 times keep c/k, ids drawn once w/k, and the
+    rest of the singletons' mass is spread over the ids drawn < 2 times as the student's q."""
+    k = ids.shape[-1]
+    c = torch.zeros(*ids.shape[:-1], z.shape[-1], dtype=torch.float64)
+    c.scatter_add_(-1, ids, torch.ones_like(ids, dtype=torch.float64))  # (..., V)
+    q = torch.softmax(z.double(), -1)  # (..., V)
+    head = c >= 2
+    n1 = (c == 1).sum(-1, keepdim=True) / k
+    t = torch.where(c == 1, weight * c, c) / k
+    bucket_q = torch.where(head, 0.0, q)
+    return t + (1 - weight) * n1 * bucket_q / bucket_q.sum(-1, keepdim=True)
+
+
+def shrunk_value(z: torch.Tensor, ids: torch.Tensor, weight: float) -> torch.Tensor:
+    """(...,) the returned cross-entropy, bucket as one class, built densely."""
+    k = ids.shape[-1]
+    c = torch.zeros(*ids.shape[:-1], z.shape[-1], dtype=torch.float64)
+    c.scatter_add_(-1, ids, torch.ones_like(ids, dtype=torch.float64))  # (..., V)
+    lq = torch.log_softmax(z.double(), -1)
+    explicit = torch.where(c == 1, weight * c, c) / k
+    n1 = (c == 1).sum(-1) / k
+    q_bucket = torch.where(c >= 2, 0.0, lq.exp()).sum(-1)
+    return -(explicit * lq).sum(-1) - (1 - weight) * n1 * q_bucket.log()
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 0.8])
+def test_shrunk_estimator_gradient_is_student_minus_shrunk_target(weight: float) -> None:
+    """The loss is -H(p) plus a cross-entropy whose gradient in the logits is q - t, t the
+    shrunk target (summing to 1), for raw draws (format 1) and for distinct ids with counts
+    (format 2) alike."""
+    z, t = logits(30, shape=(T, V)), logits(31, scale=3.0, shape=(T, V))
+    ids = draws(t, 8, 4, seed=3)  # (4, T, 8) raw draws with repeats
+    zz = z.expand(4, -1, -1)
+    entropy = torch.full(ids.shape[:-1], 1.5)
+    want_t = shrunk_target(zz, ids, weight)  # (4, T, V)
+    torch.testing.assert_close(want_t.sum(-1), torch.ones(4, T, dtype=torch.float64))
+
+    def raw(z):
+        return sampled_kd(z, ids, None, entropy=entropy, singleton_weight=weight)
+
+    sorted_ids, _ = ids.sort(-1)
+    first = distinct_mask(sorted_ids)
+    counts = torch.where(first, (sorted_ids.unsqueeze(-1) == sorted_ids.unsqueeze(-2)).sum(-1), 0)
+
+    def counted(z):
+        return sampled_kd(
+            z, sorted_ids, None, counts=counts, entropy=entropy, singleton_weight=weight
+        )
+
+    for fn in (raw, counted):
+        value, grad = value_and_grad(fn, zz)
+        q = torch.softmax(zz.double(), -1)
+        torch.testing.assert_close(grad.double(), q - want_t, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            value.double(), shrunk_value(zz, ids, weight) - 1.5, atol=1e-5, rtol=0
+        )
+
+
+def test_singleton_weight_one_is_the_unbiased_estimator_and_edges_stay_finite() -> None:
+    z, t = logits(32, shape=(T, V)), logits(33, shape=(T, V))
+    ids = draws(t, 8, 3, seed=4)
+    lp = torch.log_softmax(t, -1).expand(3, -1, -1).gather(-1, ids)
+    zz = z.expand(3, -1, -1)
+    torch.testing.assert_close(
+        sampled_kd(zz, ids, lp, singleton_weight=1.0), sampled_kd(zz, ids, lp)
+    )
+    # With logprobs kept, the shrunk loss uses the draws' mean log p as its constant.
+    shrunk = sampled_kd(zz, ids, lp, singleton_weight=0.5)
+    want = shrunk_value(zz, ids, 0.5) + lp.double().mean(-1)
+    torch.testing.assert_close(shrunk.double(), want, atol=1e-5, rtol=0)
+    # Every draw on one id (no singleton, bucket = the rest) and every draw distinct (no head):
+    one = torch.zeros(1, 1, 8, dtype=torch.long)
+    spread = torch.arange(8).reshape(1, 1, 8)
+    for ids in (one, spread):
+        value, grad = value_and_grad(
+            lambda z, ids=ids: sampled_kd(
+                z, ids, None, entropy=torch.zeros(1, 1), singleton_weight=0.5
+            ),
+            logits(34, shape=(1, 1, V)),
+        )
+        assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+        want = torch.softmax(logits(34, shape=(1, 1, V)).double(), -1) - shrunk_target(
+            logits(34, shape=(1, 1, V)), ids, 0.5
+        )
+        torch.testing.assert_close(grad.double(), want, atol=1e-6, rtol=0)
+
+
+def test_singleton_weight_is_refused_outside_its_estimator() -> None:
+    with pytest.raises(ValueError, match=r"^singleton_weight must be in \[0, 1\], got 1.5$"):
+        check_singleton_weight(1.5, temperature=1.0, weights="empirical")
+    with pytest.raises(ValueError) as e:
+        check_singleton_weight(0.5, temperature=2.0, weights="empirical")
+    assert str(e.value) == (
+        "singleton_weight 0.5 shrinks the empirical estimator at temperature 1, not "
+        "'empirical' weights at temperature 2.0; use singleton_weight: 1, or "
+        "sample_weights: empirical and temperature: 1"
+    )
+    with pytest.raises(ValueError, match="not 'inclusion' weights at temperature 1.0"):
+        z = logits(35)
+        ids = torch.zeros(B, T, 4, dtype=torch.long)
+        sampled_kd(z, ids, torch.zeros(B, T, 4), weights="inclusion", singleton_weight=0.5)
+    check_singleton_weight(1.0, temperature=2.0, weights="inclusion")  # the unbiased default

@@ -484,3 +484,33 @@ def test_device_cuda_without_a_gpu_is_refused_before_any_work(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"^classify_student\.device: cuda requested"):
         classify_device(ClassifyStudentConfig(device="cuda"))
     assert check_launch(TrainStudentConfig(), logits=tmp_path / "l.zarr", teacher=None) is None
+
+
+def test_singleton_weight_below_one_needs_its_estimator_on_a_sample_store() -> None:
+    """`singleton_weight` < 1 shrinks the empirical estimator at T = 1: on a sample store that
+    keeps logprobs, T != 1 or inclusion weights with it is a ConfigError naming the key; top-k
+    stores ignore it, and a store without logprobs says first what it lacks."""
+    from pipeline.student.trainer import check_loss_for_store
+
+    with_lp = {"method": "sample", "dtypes": {"ids": "int32", "logprobs": "float16"}}
+    kw = dict(loss="kl", store="s.zarr", singleton_weight=0.5)
+    with pytest.raises(ConfigError) as e:
+        check_loss_for_store(with_lp, temperature=2.0, sample_weights="empirical", **kw)
+    assert str(e.value) == (
+        "train_student.singleton_weight: 0.5 shrinks the empirical estimator at temperature 1, "
+        "but temperature is 2.0; set singleton_weight: 1, or temperature: 1.0"
+    )
+    with pytest.raises(ConfigError, match=r"but sample_weights is 'inclusion'; set"):
+        check_loss_for_store(with_lp, temperature=1.0, sample_weights="inclusion", **kw)
+    for ok in (
+        dict(temperature=2.0, sample_weights="inclusion", singleton_weight=1.0),
+        dict(temperature=1.0, sample_weights="empirical", singleton_weight=0.5),
+    ):
+        check_loss_for_store(with_lp, loss="kl", store="s.zarr", **ok)
+    topk = {"method": "topk", "dtypes": with_lp["dtypes"]}
+    check_loss_for_store(topk, temperature=2.0, sample_weights="empirical", **kw)
+    without = {"method": "sample", "dtypes": {"id_deltas": "uint16"}}
+    with pytest.raises(ConfigError, match=r"^train_student\.temperature: 2\.0 needs the teacher"):
+        check_loss_for_store(without, temperature=2.0, sample_weights="empirical", **kw)
+    with pytest.raises(ConfigError, match=r"^train_student\.singleton_weight: must be in \[0, 1\]"):
+        TrainStudentConfig(singleton_weight=1.5)

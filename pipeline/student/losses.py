@@ -24,6 +24,10 @@ estimators follow from the two ways the ids were chosen (`method`):
   store keeps the same draws as distinct ids with counts c_i and the teacher's entropy H(p),
   often without logprobs: L = -H(p) - sum_i (c_i/k) log q(i), the same gradient, with the
   exact constant in place of its estimate (`sampled_kd`'s `counts` and `entropy`).
+  `singleton_weight` w < 1 trades that unbiasedness for variance: each id drawn once keeps w/k
+  and the rest of its draw goes to a bucket (the ids drawn fewer than twice) whose target is
+  the student's own distribution (`_shrunk_cross_entropy`); the default run's student is better
+  for it (docs/train-student.md).
 
 Temperature T (the T^2 factor is applied by `distillation_loss`). On a partition, T tempers the
 coarsened distributions: log P_T(c) = log P(c)/T - logsumexp(log P/T), and the same for Q.
@@ -59,6 +63,10 @@ TAILS: tuple[str, ...] = get_args(Tail)
 SampleWeights = Literal["empirical", "inclusion"]
 SAMPLE_WEIGHTS: tuple[str, ...] = get_args(SampleWeights)
 """Estimators for sample stores: the draws' empirical distribution, or Horvitz-Thompson."""
+
+SINGLETON_WEIGHT = 0.5
+"""Default weight an id drawn once keeps in the sampled-KD target (`sampled_kd`); 1 is the
+unbiased estimator. Measured: `benchmarks/kd_quality.py` (docs/logits-store.md)."""
 
 _NEG_INF = float("-inf")
 _EDGE = -1e-6
@@ -162,6 +170,19 @@ def partition_kd(
     return _kl_terms(lq, lp, keep & (lp > _NEG_INF))
 
 
+def check_singleton_weight(weight: float, *, temperature: float, weights: str) -> None:
+    """Raise ValueError unless `weight` is in [0, 1], and 1 unless the estimator it shrinks
+    (empirical weights at temperature 1) is the one in use."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"singleton_weight must be in [0, 1], got {weight}")
+    if weight != 1.0 and (temperature != 1.0 or weights != "empirical"):
+        raise ValueError(
+            f"singleton_weight {weight} shrinks the empirical estimator at temperature 1, "
+            f"not {weights!r} weights at temperature {temperature}; use singleton_weight: 1, "
+            "or sample_weights: empirical and temperature: 1"
+        )
+
+
 def sampled_kd(
     student_logits: Tensor,
     ids: Tensor,
@@ -172,6 +193,7 @@ def sampled_kd(
     temperature: float = 1.0,
     weights: str = "empirical",
     sampling: str = LEGACY_SAMPLING,
+    singleton_weight: float = 1.0,
     lse: Tensor | None = None,
 ) -> Tensor:
     """Per-position estimate of KL(p || q) from k teacher draws (module docstring).
@@ -185,13 +207,19 @@ def sampled_kd(
     [log p(x_j) - log q(x_j)]; or `inclusion`, the Horvitz-Thompson sum over the distinct drawn
     ids i of p(i)/pi(i) [log p(i) - log q(i)], pi(i) the probability that i is drawn at all:
     1 - (1 - p(i))^k for `iid` draws, min(1, k p(i)) for `systematic` ones (`sampling`, the
-    store's attribute). Both are unbiased at T = 1 under either sampling. T != 1 and `inclusion` need `logprobs` (ValueError otherwise). Returns (...,) float32.
+    store's attribute). Both are unbiased at T = 1 under either sampling. T != 1 and
+    `inclusion` need `logprobs` (ValueError otherwise). `singleton_weight` w < 1 (empirical
+    weights at T = 1 only) shrinks the ids drawn once toward the student: each keeps w/k, and
+    the other (1 - w)/k of its draw joins a bucket, the ids drawn fewer than twice, where the
+    target follows the student's own distribution (`_shrunk_cross_entropy`). Returns (...,)
+    float32.
     """
     check_options(loss="kl", tail="bucket", method="sample", temperature=temperature)
     if weights not in SAMPLE_WEIGHTS:
         raise ValueError(f"unknown sample weights {weights!r} (known: {', '.join(SAMPLE_WEIGHTS)})")
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown sampling {sampling!r} (known: {', '.join(SAMPLINGS)})")
+    check_singleton_weight(singleton_weight, temperature=temperature, weights=weights)
     if logprobs is None and (temperature != 1.0 or weights != "empirical" or entropy is None):
         raise ValueError(
             "this sample store keeps no logprobs, so only temperature 1 with empirical weights "
@@ -204,6 +232,14 @@ def sampled_kd(
     if lse is None:
         lse = torch.logsumexp(z, dim=-1)  # (...,)
     lq = z.gather(-1, ids.long()) - lse.unsqueeze(-1)  # (..., m) log q_T(x_j)
+    if singleton_weight != 1.0:
+        c = _distinct_counts(ids) if counts is None else counts.float()  # (..., m)
+        if logprobs is None:
+            assert entropy is not None
+            minus_h = -entropy.float()  # (...,)
+        else:  # the draws' estimate of -H(p), as the empirical estimator's constant
+            minus_h = (c * logprobs.float()).sum(-1) / c.sum(-1)
+        return minus_h + _shrunk_cross_entropy(lq, c, singleton_weight)
     c = torch.ones_like(lq) if counts is None else counts.float()  # (..., m) draws per entry
     k = c.sum(-1, keepdim=True)  # (..., 1) draws per position
     if logprobs is None:  # T = 1, empirical: -H(p) - (1/k) sum_i c_i log q(i)
@@ -230,6 +266,42 @@ def sampled_kd(
     # T != 1: self-normalised weights (consistent, not unbiased); log p_T = log p / T - log Z_T.
     w = torch.softmax(log_w, dim=-1)  # (..., m)
     return (w * (lp / temperature - log_z - lq)).sum(-1)
+
+
+def _distinct_counts(ids: Tensor) -> Tensor:
+    """(..., k) float: at the first occurrence of each id, how often it occurs along the last
+    axis; 0 at the repeats. Raw draws (format 1) as a format-2 store's counts."""
+    same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)).sum(-1)  # (..., k)
+    return torch.where(distinct_mask(ids), same, 0).float()
+
+
+def _shrunk_cross_entropy(lq: Tensor, counts: Tensor, weight: float) -> Tensor:
+    """(...,) the student's cross-entropy against the shrunk target t, bucket coarsened.
+
+    lq (..., m) the student's log q at distinct ids, counts (..., m) their draws (0 = padding),
+    k = sum of counts. H = the ids drawn at least twice (every id with p >= 2/k under
+    systematic draws, with its count within one draw of k p); S1 = the ids drawn once, n1 =
+    |S1| / k their share of the draws; B = V minus H, the bucket, with student mass Q(B). The
+    target t gives H its counts, t_i = c_i / k, S1 a share w / k each, and spreads the
+    remaining (1 - w) n1 over B as the student's own distribution: t_j += (1 - w) n1 q(j) /
+    Q(B); it sums to 1. Returns -sum_H (c_i / k) log q(i) - sum_S1 (w / k) log q(i) - (1 - w)
+    n1 log Q(B), whose gradient with respect to the logits is q - t (tested), with nothing of
+    shape (..., V) built.
+
+    Why: an id drawn once stands for mass anywhere below about 2/k, most of it on ids never
+    drawn; the unbiased 1/k puts all of it on the one drawn. Giving part of it to the bucket
+    lowers the target's variance on the tail at the cost of a bias toward the student there:
+    on the default run w = 0.5 takes a k = 32 store from 1.4% above live full-vocabulary KD in
+    validation perplexity to below it (docs/logits-store.md).
+    """
+    k = counts.sum(-1)  # (...,)
+    head = counts >= 2  # (..., m)
+    single = counts == 1  # (..., m)
+    t = torch.where(single, weight * counts, counts) / k.unsqueeze(-1)  # (..., m)
+    n1 = single.sum(-1) / k  # (...,)
+    log_q_head = torch.logsumexp(torch.where(head, lq, _NEG_INF), dim=-1)  # (...,)
+    log_q_bucket = _log1mexp(log_q_head.clamp(max=_EDGE))  # (...,) log Q(B)
+    return -(torch.where(counts > 0, t * lq, 0.0)).sum(-1) - (1.0 - weight) * n1 * log_q_bucket
 
 
 def full_kd(
@@ -290,6 +362,7 @@ def distillation_loss(
     method: str | None = None,
     sample_weights: str = "empirical",
     sampling: str = LEGACY_SAMPLING,
+    singleton_weight: float = 1.0,
     ids: Tensor | None = None,
     logprobs: Tensor | None = None,
     tail_logmass: Tensor | None = None,
@@ -325,6 +398,7 @@ def distillation_loss(
             temperature=temperature,
             weights=sample_weights,
             sampling=sampling,
+            singleton_weight=singleton_weight,
             lse=lse if temperature == 1.0 else None,
         ).mean()
     elif method == "topk":

@@ -71,7 +71,7 @@ from pipeline.student import distributed as dp
 from pipeline.student import model as sm
 from pipeline.student.data import SoftLabelStream, check_store, distributed_share
 from pipeline.student.distributed import World
-from pipeline.student.losses import Loss, SampleWeights, Tail
+from pipeline.student.losses import SINGLETON_WEIGHT, Loss, SampleWeights, Tail
 from pipeline.student.trainer import LossSettings, StudentTrainer, check_loss_for_store
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,12 @@ class TrainStudentConfig:
     """Sample stores: weigh each draw 1/k (`empirical`: cross-entropy against the draws'
     empirical distribution) or each distinct drawn id p/(1-(1-p)^k) (`inclusion`:
     Horvitz-Thompson, exact teacher probabilities for likely ids). Both are unbiased."""
+    singleton_weight: float = SINGLETON_WEIGHT
+    """Sample stores: weight each id drawn once keeps, as a share of its 1/k. The rest of its
+    draw goes to a bucket, the ids drawn fewer than twice, where the target is the student's
+    own distribution: less variance on the tail, a bias toward the student there (module
+    `pipeline.student.losses`). 1: the unbiased estimator. Below 1 it needs `sample_weights:
+    empirical` and temperature 1 (a sample store's run says so before it starts)."""
     temperature: float = 1.0
     """Softmax temperature T of both sides; the KD term is scaled by T^2. Sample stores hold
     draws at T = 1, reweighted for T != 1 (consistent, not unbiased): keep 1 for them."""
@@ -185,6 +191,8 @@ class TrainStudentConfig:
         )
         require(self.temperature > 0, f"{s}.temperature", f"must be > 0, got {self.temperature}")
         require(0.0 <= self.alpha <= 1.0, f"{s}.alpha", f"must be in [0, 1], got {self.alpha}")
+        w = self.singleton_weight
+        require(0.0 <= w <= 1.0, f"{s}.singleton_weight", f"must be in [0, 1], got {w}")
         check_optimizer_params(s, self)
         require(
             self.buffer_chunks >= 1, f"{s}.buffer_chunks", f"must be >= 1, got {self.buffer_chunks}"
@@ -426,6 +434,7 @@ def _store_source(
         loss=cfg.loss,
         temperature=cfg.temperature,
         sample_weights=cfg.sample_weights,
+        singleton_weight=cfg.singleton_weight,
         store=logits,
     )
     record = {
@@ -535,6 +544,7 @@ def _build_trainer(
         method=method,
         sample_weights=cfg.sample_weights,
         sampling=sampling,
+        singleton_weight=cfg.singleton_weight,
     )
     return StudentTrainer(
         model,

@@ -39,7 +39,7 @@ from pipeline.store.format import LEGACY_SAMPLING
 from pipeline.store.labels import has_logprobs
 from pipeline.student.data import share_bounds
 from pipeline.student.distributed import World
-from pipeline.student.losses import LossParts, distillation_loss, target_nll
+from pipeline.student.losses import SINGLETON_WEIGHT, LossParts, distillation_loss, target_nll
 
 LOSS_ARGS = {
     "ids": "ids",
@@ -67,6 +67,8 @@ class LossSettings:
     sampling: str = LEGACY_SAMPLING
     """A sample store's `sampling` attribute (`pipeline.store.format.sampling_of`): the
     inclusion weights depend on it."""
+    singleton_weight: float = SINGLETON_WEIGHT
+    """Sample stores: weight an id drawn once keeps (`pipeline.student.losses.sampled_kd`)."""
 
 
 def check_loss_for_store(
@@ -76,12 +78,14 @@ def check_loss_for_store(
     temperature: float,
     sample_weights: str,
     store: str | Path,
+    singleton_weight: float,
     section: str = "train_student",
 ) -> None:
     """Refuse (ConfigError naming `section.key`, the store and what to do) loss settings a
     store with these attributes cannot serve: `reverse_kl` on a sample store (draws say nothing
-    of the teacher where the student puts mass), and T != 1 or `inclusion` weights on a sample
-    store that keeps no log-probabilities (format 2 written without `sample_logprobs`)."""
+    of the teacher where the student puts mass), T != 1 or `inclusion` weights on a sample
+    store that keeps no log-probabilities (format 2 written without `sample_logprobs`), and a
+    `singleton_weight` below 1 with either (it shrinks the empirical estimator at T = 1)."""
     method = attrs["method"]
     if method == "sample" and loss == "reverse_kl":
         raise ConfigError(
@@ -89,18 +93,25 @@ def check_loss_for_store(
             f"student puts mass, but {store} is a 'sample' store (draws only); use loss: "
             "kl, or a topk store"
         )
-    if method == "sample" and not has_logprobs(attrs):
-        for key, value, ok in (
-            ("temperature", temperature, 1.0),
-            ("sample_weights", sample_weights, "empirical"),
-        ):
-            if value != ok:
-                raise ConfigError(
-                    f"{section}.{key}: {value!r} needs the teacher's log-probabilities, "
-                    f"but {store} keeps ids and counts only (written with "
-                    f"teacher_logits.sample_logprobs: false); use {key}: {ok!r}, or re-run "
-                    "teacher_logits with sample_logprobs: true"
-                )
+    if method != "sample":
+        return
+    for key, value, ok in (
+        ("temperature", temperature, 1.0),
+        ("sample_weights", sample_weights, "empirical"),
+    ):
+        if value != ok and not has_logprobs(attrs):
+            raise ConfigError(
+                f"{section}.{key}: {value!r} needs the teacher's log-probabilities, "
+                f"but {store} keeps ids and counts only (written with "
+                f"teacher_logits.sample_logprobs: false); use {key}: {ok!r}, or re-run "
+                "teacher_logits with sample_logprobs: true"
+            )
+        if value != ok and singleton_weight != 1.0:
+            raise ConfigError(
+                f"{section}.singleton_weight: {singleton_weight} shrinks the empirical "
+                f"estimator at temperature 1, but {key} is {value!r}; set "
+                f"singleton_weight: 1, or {key}: {ok!r}"
+            )
 
 
 def batch_loss(
@@ -140,6 +151,7 @@ def batch_loss(
         tail=settings.tail,
         sample_weights=settings.sample_weights,
         sampling=settings.sampling,
+        singleton_weight=settings.singleton_weight,
         **kw,
     )
 
