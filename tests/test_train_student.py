@@ -514,3 +514,24 @@ def test_singleton_weight_below_one_needs_its_estimator_on_a_sample_store() -> N
         check_loss_for_store(without, temperature=2.0, sample_weights="empirical", **kw)
     with pytest.raises(ConfigError, match=r"^train_student\.singleton_weight: must be in \[0, 1\]"):
         TrainStudentConfig(singleton_weight=1.5)
+
+
+def test_a_converted_format1_store_trains_the_same_student(env, tmp_path) -> None:
+    """A format-1 sample store and its format-2 conversion (`softlabels convert`) give the
+    same student: the same draws, so the same gradients, whichever `singleton_weight`."""
+    from pipeline.store.convert import convert_store
+
+    data = make_data("sample")
+    attrs = make_attrs(data, make_wordlevel(tmp_path / "tok"), "sample")
+    build_store(tmp_path / "f1.zarr", data, attrs=attrs, method="sample", format_version=1)
+    convert_store(tmp_path / "f1.zarr", tmp_path / "f2.zarr", progress=False)
+    for weight in (0.5, 1.0):
+        results = []
+        for store in ("f1", "f2"):
+            p = paths(env, tmp_path / f"{store}-{weight}")
+            p["logits"] = tmp_path / f"{store}.zarr"
+            cfg = TrainStudentConfig(**{**TINY, "checkpoint_every": 0, "singleton_weight": weight})
+            results.append(run_train_student(cfg, **p, progress=False))
+        f1, f2 = results
+        assert f2["validation_perplexity"] == pytest.approx(f1["validation_perplexity"], rel=1e-5)
+        assert f2["final"]["ce"] == pytest.approx(f1["final"]["ce"], rel=1e-5)
