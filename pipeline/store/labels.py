@@ -97,10 +97,7 @@ def encode_draws(
     starts = np.flatnonzero(first)  # (D,) flat index of each distinct id's first draw
     counts = np.diff(starts, append=p * k)  # (D,) draws of each distinct id
     real = np.arange(k)[None, :] < distinct[:, None]  # (P, k) slots holding a distinct id
-    out_ids = np.empty((p, k), np.int64)
-    out_ids[real] = sorted_ids.reshape(-1)[starts]  # row-major: each row's ids, then padding
-    pad = ~real
-    out_ids[pad] = np.repeat(out_ids[np.arange(p), distinct - 1], k - distinct)  # last id
+    out_ids = _packed(sorted_ids, starts, real, distinct, np.int64)
     narrow(out_ids, ids_as, "ids")  # every id must fit; the gaps then do too
     deltas = np.diff(out_ids, axis=1, prepend=0)  # (P, k): first id, gaps, 0 on the padding
     extra = np.zeros((p, k), counts_as)
@@ -111,10 +108,21 @@ def encode_draws(
     }
     if logprobs is not None:
         sorted_lp = np.take_along_axis(logprobs.reshape(p, k), order, 1)  # (P, k)
-        out_lp = np.empty((p, k), np.float16)
-        out_lp[real] = sorted_lp.reshape(-1)[starts]
-        out_lp[pad] = np.repeat(out_lp[np.arange(p), distinct - 1], k - distinct)
-        out["logprobs"] = out_lp.reshape(n, seq_len, k)
+        lp = _packed(sorted_lp, starts, real, distinct, np.float16)
+        out["logprobs"] = lp.reshape(n, seq_len, k)
+    return out
+
+
+def _packed(
+    values: np.ndarray, starts: np.ndarray, real: np.ndarray, distinct: np.ndarray, dtype: Any
+) -> np.ndarray:
+    """(P, k) of `dtype`: each row's values at its distinct ids' first draws (`starts`, flat
+    indices into `values` (P, k)) in its first `distinct` (P,) slots (`real`), then the row's
+    last one repeated."""
+    out = np.empty(real.shape, dtype)
+    out[real] = values.reshape(-1)[starts]  # row-major: each row's values, then padding
+    last = out[np.arange(len(out)), distinct - 1]  # (P,)
+    out[~real] = np.repeat(last, real.shape[1] - distinct)
     return out
 
 

@@ -86,15 +86,14 @@ def check_loss_for_store(
     of the teacher where the student puts mass), T != 1 or `inclusion` weights on a sample
     store that keeps no log-probabilities (format 2 written without `sample_logprobs`), and a
     `singleton_weight` below 1 with either (it shrinks the empirical estimator at T = 1)."""
-    method = attrs["method"]
-    if method == "sample" and loss == "reverse_kl":
+    if attrs["method"] != "sample":
+        return
+    if loss == "reverse_kl":
         raise ConfigError(
             f"{section}.loss: reverse_kl needs the teacher's probability wherever the "
             f"student puts mass, but {store} is a 'sample' store (draws only); use loss: "
             "kl, or a topk store"
         )
-    if method != "sample":
-        return
     for key, value, ok in (
         ("temperature", temperature, 1.0),
         ("sample_weights", sample_weights, "empirical"),
