@@ -108,6 +108,7 @@ def test_attributes(tmp_path):
             "logprobs": True,
             "id_bits": 32,
             "compressors": {a: ["blosc"] for a in ("input_ids", "ids", "logprobs", "tail")},
+            "filters": {},
         },
     }
     assert read_attrs(tmp_path / "s.zarr") == {**attrs, **layout, "shards": {}, "complete": False}

@@ -124,6 +124,7 @@ def test_a_format2_sample_store_verifies_and_decodes(tmp_path, logprobs):
     attrs = read_attrs(tmp_path / "s.zarr")
     assert attrs["format_version"] == 2 and attrs["encoding"]["ids"] == "distinct_deltas_counts"
     assert attrs["encoding"]["logprobs"] is logprobs and attrs["encoding"]["id_bits"] == 16
+    assert attrs["encoding"]["filters"] == {"extra_draws": ["transpose"]}  # k-major counts
     arrays = open_split(tmp_path / "s.zarr", "train")
     block = decode_block({name: arr[:] for name, arr in arrays.items()})
     expected = {"ids", "counts", "entropy"} | ({"logprobs", "tail"} if logprobs else set())

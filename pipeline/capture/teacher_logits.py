@@ -13,7 +13,7 @@ only then write the fidelity metrics.
 Resume key: sha256 over everything that determines the bytes of the store: the teacher's
 provenance sha256, each split's n, seq_len and input-id fingerprint, method, k, seed,
 chunk_sequences, shard_chunks, batch_size, head_chunk_tokens, the resolved vocab_passes, device
-type and dtype, the kernel and store format versions, and the torch and transformers versions.
+type and dtype, the kernel and store format versions, each array's codecs, and the torch and transformers versions.
 Work started under another key is never mixed in. Trade-off: changing batch_size (or upgrading torch)
 restarts from scratch, because either may change floating-point results in the last bit.
 
@@ -53,6 +53,7 @@ from pipeline.store.format import (
     Sampling,
     SplitSpec,
     StoreSpec,
+    codec_chains,
     finalize_store,
 )
 from pipeline.store.labels import id_dtype
@@ -232,6 +233,7 @@ def work_key(
     return {
         "softlabels_format": FORMAT_VERSION,
         "store_format": STORE_FORMAT_VERSION,
+        "codecs": codec_chains(store_spec(cfg, prov, fingerprints)),
         "teacher_sha256": prov["sha256"],
         "splits": fingerprints,
         "method": cfg.method,

@@ -27,7 +27,7 @@ from pipeline.store.verify import abbreviate, content_sha256
 
 
 def _codec_names(arr: zarr.Array) -> str:
-    parts = []
+    parts = [c.to_dict()["name"] for c in arr.filters]
     for c in arr.compressors:
         d = c.to_dict()
         cfg = d.get("configuration", {})
@@ -159,8 +159,8 @@ def describe_store(path: str | Path) -> str:
         )
         for aname, a in s["arrays"].items():
             lines.append(
-                f"  {aname:<10} {a['dtype']:<8} shape {tuple(a['shape'])!s:<16} chunks {tuple(a['chunks'])!s:<14} "
-                f"shards {tuple(a['shards'])!s:<16} {a['compressors']:<24} files {a['shard_files']:<7} {_size(a['bytes'])}"
+                f"  {aname:<11} {a['dtype']:<8} shape {tuple(a['shape'])!s:<16} chunks {tuple(a['chunks'])!s:<14} "
+                f"shards {tuple(a['shards'])!s:<16} {a['compressors']:<36} files {a['shard_files']:<7} {_size(a['bytes'])}"
             )
     if d["entries"]:
         arrays = ", ".join(f"{a} {b:.2f}" for a, b in d["bytes_per_position_by_array"].items())
