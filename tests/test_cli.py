@@ -94,7 +94,7 @@ def test_inspect_shows_compressors_of_a_sample_store(tmp_path, capsys):
     assert {name: (a["dtype"], a["compressors"]) for name, a in arrays.items()} == {
         "input_ids": ("uint16", "zstd(level=12)"),
         "id_deltas": ("uint16", "blosc(zstd, 5, shuffle)"),
-        "extra_draws": ("uint8", "transpose+blosc(zstd, 5, bitshuffle)"),
+        "extra_draws": ("uint8", "transpose+blosc(zstd, 7, bitshuffle)"),
         "entropy": ("float16", "blosc(zstd, 5, shuffle)"),
     }
     assert summary["encoding"]["ids"] == "distinct_deltas_counts"
