@@ -134,6 +134,40 @@ def test_a_format2_sample_store_verifies_and_decodes(tmp_path, logprobs):
     assert np.array_equal(expanded, np.sort(raw_ids, axis=1))
 
 
+def test_a_store_with_the_earlier_counts_codec_reads_the_same(tmp_path, monkeypatch):
+    """Stores written before `extra_draws` went k-major (zstd 12, position-major) still verify
+    and decode to the same arrays: the codec is in each array's zarr.json, not in the reader,
+    and only the shard files' bytes differ."""
+    from zarr.codecs import ZstdCodec
+
+    from pipeline.store import format as store_format
+
+    data = make_data("sample")
+    now = build_store(tmp_path / "now.zarr", data, method="sample")
+    monkeypatch.setattr(store_format, "_filters", lambda compact, array: [])
+    current = store_format._compressors
+
+    def earlier(dtype: str, method: str, compact: bool = False, array: str = "") -> list:
+        return (
+            [ZstdCodec(level=12)]
+            if array == "extra_draws"
+            else current(dtype, method, compact, array)
+        )
+
+    monkeypatch.setattr(store_format, "_compressors", earlier)
+    before = build_store(tmp_path / "before.zarr", data, method="sample")
+    monkeypatch.undo()
+    old = zarr.open_array(tmp_path / "before.zarr" / "train" / "extra_draws", mode="r")
+    assert [c.to_dict()["name"] for c in old.filters] == []  # really the earlier codec
+    differs = [key for key in now if "extra_draws" in key and now[key] != before[key]]
+    assert differs and all(now[k] == before[k] for k in now if "extra_draws" not in k)
+    assert verify_store(tmp_path / "before.zarr") == []
+    for split in ("train", "validation"):
+        a, b = (open_split(tmp_path / name, split) for name in ("now.zarr", "before.zarr"))
+        for name in a:
+            assert np.array_equal(a[name][:], b[name][:]), (split, name)
+
+
 def test_verify_finds_ids_out_of_order_and_counts_that_do_not_sum_to_k(tmp_path):
     spec = spec_for("sample")
     data = make_data("sample")
