@@ -13,9 +13,10 @@ only then write the fidelity metrics.
 Resume key: sha256 over everything that determines the bytes of the store: the teacher's
 provenance sha256, each split's n, seq_len and input-id fingerprint, method, k, seed,
 chunk_sequences, shard_chunks, batch_size, head_chunk_tokens, the resolved vocab_passes, device
-type and dtype, the kernel and store format versions, each array's codecs, and the torch and transformers versions.
-Work started under another key is never mixed in. Trade-off: changing batch_size (or upgrading torch)
-restarts from scratch, because either may change floating-point results in the last bit.
+type and dtype, the kernel and store format versions, each array's codecs, and the torch and
+transformers versions. Work started under another key is never mixed in. Trade-off: changing
+batch_size (or upgrading torch) restarts from scratch, because either may change floating-point
+results in the last bit.
 
 The output appears only complete: DVC tracks `out`, which is replaced in one rename after
 verification; a run killed at any moment leaves `out` as it was and its finished shards in the
