@@ -222,19 +222,20 @@ def work_key(
     cfg: TeacherLogitsConfig,
     prov: dict[str, Any],
     fingerprints: dict[str, dict[str, Any]],
+    spec: StoreSpec,
     device: str,
     dtype: str,
     vocab_passes: str,
 ) -> dict[str, Any]:
     """Everything that determines the store's bytes (module docstring), as plain data;
-    `vocab_passes` resolved (`resolve_vocab_passes`)."""
+    `spec` the run's `store_spec`, `vocab_passes` resolved (`resolve_vocab_passes`)."""
     import torch
     import transformers
 
     return {
         "softlabels_format": FORMAT_VERSION,
         "store_format": STORE_FORMAT_VERSION,
-        "codecs": codec_chains(store_spec(cfg, prov, fingerprints)),
+        "codecs": codec_chains(spec),
         "teacher_sha256": prov["sha256"],
         "splits": fingerprints,
         "method": cfg.method,
@@ -281,7 +282,7 @@ def run_teacher_logits(
     }
     spec = store_spec(cfg, prov, fingerprints)
     vocab_passes = resolve_vocab_passes(cfg.vocab_passes, device)
-    key = work_key(cfg, prov, fingerprints, device, dtype, vocab_passes)
+    key = work_key(cfg, prov, fingerprints, spec, device, dtype, vocab_passes)
     kdir = Path(work_dir) / key_digest(key)
     store, records = kdir / out.name, kdir / "shards"
     job = Job(

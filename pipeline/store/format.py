@@ -452,6 +452,7 @@ def layout_attrs(spec: StoreSpec) -> dict[str, Any]:
 
 def encoding_attrs(spec: StoreSpec) -> dict[str, Any]:
     """The format-2 encoding choices, recorded in the attributes as `encoding` (docs)."""
+    filters = {a: [c.to_dict()["name"] for c in spec.filters(a)] for a in spec.ARRAYS}
     return {
         "ids": "distinct_deltas_counts" if spec.compact else "topk",
         "logprobs": spec.logprobs,
@@ -459,11 +460,7 @@ def encoding_attrs(spec: StoreSpec) -> dict[str, Any]:
         "compressors": {
             a: [c.to_dict()["name"] for c in spec.compressors(a, {})] for a in spec.ARRAYS
         },
-        "filters": {  # arrays with array-to-array codecs only
-            a: [c.to_dict()["name"] for c in spec.filters(a)]
-            for a in spec.ARRAYS
-            if spec.filters(a)
-        },
+        "filters": {a: names for a, names in filters.items() if names},  # arrays that have any
     }
 
 
