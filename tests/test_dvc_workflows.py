@@ -482,7 +482,8 @@ def _under(path: str, root: str) -> bool:
 
 def _relative_reads(record: dict, outs: list[str]) -> set[str]:
     """What a stage process read, as repo-relative paths: its inputs and the library modules it
-    imported (pipeline/pkg/x.py for pipeline/pkg/__pycache__/x.*.pyc). Leaves out params.yaml (tracked
+    imported (pipeline/pkg/x.py for pipeline/pkg/__pycache__/x.*.pyc, pipeline/pkg/x.c for an
+    extension module pipeline/pkg/x.*.so). Leaves out params.yaml (tracked
     as params), DVC's and the stage's own work folders, and the stage's outputs and their
     temporary siblings (`.name.partial-*`), which a stage may reopen while writing them."""
     cwd = record["cwd"]
@@ -493,6 +494,8 @@ def _relative_reads(record: dict, outs: list[str]) -> set[str]:
             q = Path(p).relative_to(lib)
             if q.parent.name == "__pycache__":  # pipeline/<pkg>/__pycache__/x.cpython-*.pyc
                 q = q.parent.parent / (q.name.split(".")[0] + ".py")
+            elif q.suffix in (".so", ".pyd"):  # pipeline/<pkg>/x.cpython-*.so, built from x.c
+                q = q.parent / (q.name.split(".")[0] + ".c")
             rel.add(str(Path("pipeline") / q))
         elif _under(p, cwd):
             rel.add(str(Path(p).relative_to(cwd)))

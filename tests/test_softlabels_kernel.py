@@ -14,6 +14,8 @@ from pipeline.capture.kernel import (
     SoftLabelKernel,
     check_split,
     draw_uniforms,
+    native_built,
+    native_passes,
     per_sequence_stats,
     shard_generator,
 )
@@ -66,8 +68,8 @@ def reference(logits: torch.Tensor, method: str, k: int, u: torch.Tensor | None 
     }
 
 
-def run_kernel(model, input_ids, method, k, rows, seed=0):
-    kernel = SoftLabelKernel(model, method=method, k=k, head_chunk_tokens=rows)
+def run_kernel(model, input_ids, method, k, rows, seed=0, passes="eager"):
+    kernel = SoftLabelKernel(model, method=method, k=k, head_chunk_tokens=rows, vocab_passes=passes)
     n = input_ids.numel()
     u = draw_uniforms(shard_generator(seed, "train", 0), n, k) if method == "sample" else None
     return kernel(input_ids, u).reshape(n), u
@@ -82,13 +84,15 @@ def assert_matches_reference(out, ref) -> None:
         torch.testing.assert_close(getattr(out, name).double(), ref[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("passes", ["eager", "native"])
 @pytest.mark.parametrize("method", ["topk", "sample"])
 @pytest.mark.parametrize(("vocab", "rows"), [(300, 7), (131_111, 5)])
-def test_slices_match_full_logits_reference(method: str, vocab: int, rows: int) -> None:
-    """Slices of 5-7 rows (the last one short), vocab padded to BLOCK, up to 131k ids."""
+def test_slices_match_full_logits_reference(method: str, vocab: int, rows: int, passes) -> None:
+    """Slices of 5-7 rows (the last one short), vocab padded to BLOCK, up to 131k ids; the
+    torch passes and the native ones."""
     model = tiny_llama(vocab)
     input_ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
-    out, u = run_kernel(model, input_ids, method, 8, rows)
+    out, u = run_kernel(model, input_ids, method, 8, rows, passes=passes)
     with torch.inference_mode():
         logits = model(input_ids).logits.reshape(-1, vocab)  # the full-logits reference
     assert_matches_reference(out, reference(logits, method, 8, u))
@@ -155,9 +159,10 @@ def test_row_groups_of_the_passes_give_the_same_bits(method: str, passes: str) -
             assert torch.equal(getattr(out, name), getattr(outs[0], name)), name
 
 
+@pytest.mark.parametrize("passes", ["eager", "native"])
 @pytest.mark.parametrize("sampling", ["systematic", "iid"])
 @pytest.mark.parametrize("vocab", [300, 40_000])
-def test_sample_without_logprobs_draws_the_same_ids(sampling: str, vocab: int) -> None:
+def test_sample_without_logprobs_draws_the_same_ids(sampling: str, vocab: int, passes) -> None:
     """A sample store that keeps no logprobs skips their sort and the tail: the same draws (in
     ascending order, the order the store encodes them in), the same statistics; its logprobs
     and tail are NaN, never a plausible value."""
@@ -166,7 +171,9 @@ def test_sample_without_logprobs_draws_the_same_ids(sampling: str, vocab: int) -
     h = torch.randn(rows, 16, generator=torch.Generator().manual_seed(5))
     u = draw_uniforms(shard_generator(3, "train", 0), rows, k, sampling)
     full, bare = (
-        SoftLabelKernel(model, method="sample", k=k, head_chunk_tokens=16, logprobs=keep)
+        SoftLabelKernel(
+            model, method="sample", k=k, head_chunk_tokens=16, logprobs=keep, vocab_passes=passes
+        )
         for keep in (True, False)
     )
     want, got = full.from_hidden(h, u), bare.from_hidden(h, u)
@@ -179,14 +186,16 @@ def test_sample_without_logprobs_draws_the_same_ids(sampling: str, vocab: int) -
     assert topk.logprobs  # a topk store always keeps them
 
 
+@pytest.mark.parametrize("passes", ["fused", "native"])
 @pytest.mark.parametrize(
     ("method", "logprobs"), [("sample", False), ("sample", True), ("topk", True)]
 )
-def test_fused_passes_agree_with_eager(method: str, logprobs: bool) -> None:
+def test_fused_and_native_passes_agree_with_eager(method: str, logprobs: bool, passes) -> None:
     """`vocab_passes: fused` (one compiled read of the logits, exponentials recomputed only for
-    the blocks and ids used) gives the eager passes' labels: the same ids here, statistics
-    equal to float32 rounding, logprobs and tail to their float16 rounding. Rows through the
-    threads of a stage: two threads calling one compiled kernel get what one thread gets."""
+    the blocks and ids used) and `native` (pipeline/capture/_passes.c, row by row) give the
+    eager passes' labels: the same ids here, statistics equal to float32 rounding, logprobs
+    and tail to their float16 rounding. Rows through the threads of a stage: two threads
+    calling one kernel get what one thread gets."""
     vocab, rows, k = 5_000, 48, 16
     model = tiny_llama(vocab, head_scale=30.0)
     h = torch.randn(rows, 16, generator=torch.Generator().manual_seed(6))
@@ -196,7 +205,7 @@ def test_fused_passes_agree_with_eager(method: str, logprobs: bool) -> None:
         SoftLabelKernel(
             model, method=method, k=k, head_chunk_tokens=8, logprobs=logprobs, vocab_passes=p
         )
-        for p in ("eager", "fused")
+        for p in ("eager", passes)
     )
     want, got = eager.from_hidden(h, u), fused.from_hidden(h, u)
     assert torch.equal(got.ids, want.ids)
@@ -219,22 +228,51 @@ def test_fused_passes_agree_with_eager(method: str, logprobs: bool) -> None:
     with torch.inference_mode():  # the passes on a lone row give that row's bits in a group
         logits = fused._logits(h[:8], None)  # (8, Vp)
         part = u if u is None else u[:8]
-        group = fused._passes_rows(logits.clone(), part)
-        lone = fused._passes_rows(logits[:1].clone(), part if part is None else part[:1])
+        group = fused._passes(logits.clone(), part)
+        lone = fused._passes(logits[:1].clone(), part if part is None else part[:1])
     for a, b in zip(lone, group, strict=True):
         assert torch.equal(a, b[:1]) or bool(a.isnan().all() and b[:1].isnan().all())
 
 
-def test_vocab_passes_resolution_and_errors(monkeypatch) -> None:
-    """auto is fused on CUDA and eager on CPU; an unknown setting, or a torch.compile that
-    cannot work on this machine, is an error naming the key and the way out."""
+def test_native_passes_are_built() -> None:
+    """The install built pipeline/capture/_passes.c (setup.py; it needs a C compiler): without
+    it `auto` falls back to the slower torch passes on CPU, which CI must not hide."""
     from pipeline.capture import kernel as kernel_module
 
-    assert kernel_module.resolve_vocab_passes("auto", "cpu") == "eager"
+    assert native_built(), f"native passes not built: {kernel_module._NATIVE_ERROR}"
+
+
+def test_vocab_passes_resolution_and_errors(monkeypatch) -> None:
+    """auto is fused on CUDA, native on CPU (eager where the install built no native passes);
+    an unknown setting, native off the CPU or not built, or a torch.compile that cannot work on
+    this machine, is an error naming the key and the way out."""
+    from pipeline.capture import kernel as kernel_module
+
+    assert kernel_module.resolve_vocab_passes("auto", "cpu") == "native"
     assert kernel_module.resolve_vocab_passes("auto", "cuda") == "fused"
     assert kernel_module.resolve_vocab_passes("fused", "cpu") == "fused"
+    assert kernel_module.resolve_vocab_passes("eager", "cpu") == "eager"
     with pytest.raises(ConfigError, match=r"teacher_logits.vocab_passes: must be one of"):
         kernel_module.resolve_vocab_passes("triton", "cuda")
+    with pytest.raises(
+        ConfigError,
+        match=r"^teacher_logits.vocab_passes: native passes run on the CPU, not cuda; set "
+        r"vocab_passes: auto \(fused on CUDA\) or eager$",
+    ):
+        kernel_module.resolve_vocab_passes("native", "cuda")
+    with monkeypatch.context() as m:
+        m.setattr(kernel_module, "_native", None)
+        m.setattr(kernel_module, "_NATIVE_ERROR", "No module named 'pipeline.capture._passes'")
+        assert kernel_module.resolve_vocab_passes("auto", "cpu") == "eager"
+        with pytest.raises(
+            ConfigError,
+            match=r"^teacher_logits.vocab_passes: the native passes were not built with this "
+            r"install \(No module named 'pipeline.capture._passes'\); reinstall where a C "
+            r"compiler is found \(pip install -e .\) or set vocab_passes: eager$",
+        ):
+            SoftLabelKernel(
+                tiny_llama(100), method="sample", k=4, head_chunk_tokens=8, vocab_passes="native"
+            )
 
     def broken(fn, **kwargs):
         def run(*args):
@@ -251,6 +289,91 @@ def test_vocab_passes_resolution_and_errors(monkeypatch) -> None:
         SoftLabelKernel(
             tiny_llama(100), method="sample", k=4, head_chunk_tokens=8, vocab_passes="fused"
         )
+
+
+def test_native_passes_are_accurate_across_the_exponential_range() -> None:
+    """The native passes' own exponential (a polynomial, flushed to 0 below 2^-126) against
+    float64 truth: logits spread over [-87, 0] and a peaked row, to 1e-6 relative; exp(0) is
+    exactly 1 (top-1 of a one-hot row is 1, its entropy 0 and its tail -inf, flagged for the
+    exact recomputation); NaN logits give valid ids; bad buffers are refused."""
+    spread = torch.linspace(-87.0, 0.0, 4096)[torch.randperm(4096, generator=torch.Generator())]
+    peaked = torch.randn(4096, generator=torch.Generator().manual_seed(2)) * 8
+    onehot = torch.full((4096,), -200.0)
+    onehot[77] = 3.0
+    L = torch.stack([spread, peaked, onehot])  # (3, 4096)
+    k = 16
+    ids, lp, tail, covered, entropy, top1, tiny = native_passes(
+        L.clone(), None, k=k, topk=True, logprobs=True
+    )
+    logp = torch.log_softmax(L.double(), -1)
+    p = logp.exp()
+    want_entropy = -(p * logp).sum(-1)
+    torch.testing.assert_close(top1.double(), p.max(-1).values, rtol=1e-6, atol=0)
+    torch.testing.assert_close(entropy.double()[:2], want_entropy[:2], rtol=1e-6, atol=0)
+    want_covered = p.gather(-1, ids.long()).sum(-1)
+    torch.testing.assert_close(covered.double(), want_covered, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lp.double(), logp.gather(-1, ids.long()), rtol=1e-3, atol=1e-3)
+    assert float(top1[2]) == 1.0 and float(entropy[2]) == 0.0 and int(ids[2, 0]) == 77
+    assert math.isinf(float(tail[2])) and tiny.tolist() == [False, False, True]
+    nan = torch.full((2, 4096), math.nan)  # NaN logits: valid ids, NaN entropy (the writer
+    nan[1, ::7] = 0.0  # refuses such rows, tests/test_teacher_logits.py), never a bad index
+    u = draw_uniforms(shard_generator(0, "train", 0), 2, k, "systematic")
+    for topk in (True, False):
+        ids, *_, entropy, _, _ = native_passes(
+            nan, None if topk else u, k=k, topk=topk, logprobs=True
+        )
+        assert bool(((ids >= 0) & (ids < 4096)).all()) and bool(entropy.isnan().all())
+    with pytest.raises(ValueError, match="contiguous fp32 CPU logits"):
+        native_passes(L.double(), None, k=k, topk=True, logprobs=True)
+    with pytest.raises(ValueError, match=r"sample needs float64 uniforms of shape \(3, 16\)"):
+        native_passes(L, torch.rand(3, 16), k=k, topk=False, logprobs=True)
+
+
+def test_native_passes_give_the_same_bits_on_every_instruction_set(tmp_path) -> None:
+    """The installed extension (an AVX2 clone where the CPU has it) and a build of the same file
+    for the x86-64 baseline only (SSE2, no clones) store the same bytes: no fused multiply-adds,
+    sums in a fixed order, so a store does not depend on the CPU that computed it."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    from pipeline.capture import kernel as kernel_module
+
+    cc = shutil.which(sysconfig.get_config_var("CC").split()[0]) or shutil.which("cc")
+    assert cc, "no C compiler (the native passes need one)"
+    source = Path(kernel_module.__file__).with_name("_passes.c")
+    built = tmp_path / ("_passes" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(
+        [cc, "-O3", "-std=gnu11", "-ffp-contract=off", "-Wno-psabi", "-fPIC", "-shared",
+         "-DSOFTLABELS_NO_CLONES", f"-I{sysconfig.get_paths()['include']}", str(source),
+         "-o", str(built)],
+        check=True,
+    )  # fmt: skip
+    spec = importlib.util.spec_from_file_location("_passes", built)
+    baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baseline)
+    gen = torch.Generator().manual_seed(8)
+    for vocab, scale, topk, k, logprobs in [
+        (4096, 3.0, False, 32, True),
+        (4096, 30.0, True, 32, True),
+        (1000, 8.0, False, 8, False),
+        (40_000, 2.0, False, 32, True),
+        (300, 1.0, True, 300, True),
+    ]:
+        padded = -(-vocab // 64) * 64
+        L = torch.randn(64, padded, generator=gen) * scale
+        L[:, vocab:] = -1e30
+        u = None if topk else draw_uniforms(shard_generator(2, "train", 0), 64, k, "iid")
+        want = native_passes(L, u, k=k, topk=topk, logprobs=logprobs)
+        try:
+            kernel_module._native, installed = baseline, kernel_module._native
+            got = native_passes(L, u, k=k, topk=topk, logprobs=logprobs)
+        finally:
+            kernel_module._native = installed
+        for a, b in zip(want, got, strict=True):
+            assert a.numpy().tobytes() == b.numpy().tobytes(), (vocab, topk, k)
 
 
 def test_systematic_draws_are_unbiased_and_stay_within_one_of_k_p() -> None:
@@ -283,8 +406,9 @@ def test_systematic_draws_are_unbiased_and_stay_within_one_of_k_p() -> None:
         draw_uniforms(shard_generator(0, "train", 0), 5, 4, "stratified")
 
 
+@pytest.mark.parametrize("passes", ["eager", "native"])
 @pytest.mark.parametrize(("vocab", "rows"), [(700, 1024), (700, 3), (40_000, 1)])
-def test_results_do_not_depend_on_torch_threads(vocab: int, rows: int) -> None:
+def test_results_do_not_depend_on_torch_threads(vocab: int, rows: int, passes: str) -> None:
     """Byte-identical stored arrays (ids, logprobs, tail) with 1 and 2 torch threads, including
     single-row slices of a vocabulary longer than torch's reduction grain (which torch splits
     across threads). The float32 fidelity statistics (covered, entropy, top1) may differ in the
@@ -301,9 +425,9 @@ def test_results_do_not_depend_on_torch_threads(vocab: int, rows: int) -> None:
     for method in ("topk", "sample"):
         try:
             torch.set_num_threads(2)
-            two, _ = run_kernel(model, input_ids, method, 6, rows)
+            two, _ = run_kernel(model, input_ids, method, 6, rows, passes=passes)
             torch.set_num_threads(1)
-            one, _ = run_kernel(model, input_ids, method, 6, rows)
+            one, _ = run_kernel(model, input_ids, method, 6, rows, passes=passes)
         finally:
             torch.set_num_threads(threads)
         assert stored(one) == stored(two)
@@ -320,7 +444,8 @@ def test_uniform_stream_is_the_same_however_it_is_drawn() -> None:
     assert not torch.equal(whole, draw_uniforms(shard_generator(1, "validation", 3), 100, 4))
 
 
-def test_tail_is_exact_when_uncovered_mass_underflows() -> None:
+@pytest.mark.parametrize("passes", ["eager", "native"])
+def test_tail_is_exact_when_uncovered_mass_underflows(passes: str) -> None:
     """Uncovered mass ~1e-60 underflows fp32 sums; the tail is still logsumexp (finite), and it
     is -inf once every id is stored."""
     vocab = 130
@@ -332,7 +457,9 @@ def test_tail_is_exact_when_uncovered_mass_underflows() -> None:
     h = torch.zeros(3, 16)
     h[:, 0] = torch.tensor([1.0, 0.5, 0.25])
     for k, expect_inf in ((2, False), (vocab, True)):
-        kernel = SoftLabelKernel(model, method="topk", k=k, head_chunk_tokens=64)
+        kernel = SoftLabelKernel(
+            model, method="topk", k=k, head_chunk_tokens=64, vocab_passes=passes
+        )
         out = kernel.from_hidden(h, None)
         ref = reference(model.lm_head(h).detach(), "topk", k)
         assert torch.equal(out.ids.long(), ref["ids"])
@@ -423,6 +550,22 @@ def test_unknown_logit_transform_is_detected() -> None:
     assert str(e.value).startswith("Doubled: backbone + output head do not reproduce the model's")
     assert str(e.value).endswith(
         "this architecture transforms its logits in a way teacher_logits does not support"
+    )
+
+
+def test_a_teacher_with_non_finite_logits_fails_the_split_check() -> None:
+    """NaN in the output head (broken weights) is named as such by the probe, not reported as
+    an unknown logit transform."""
+    model = tiny_llama(100)
+    with torch.no_grad():
+        model.lm_head.weight[3] = math.nan
+    kernel = SoftLabelKernel(model, method="sample", k=4, head_chunk_tokens=8)
+    with pytest.raises(InputError) as e:
+        check_split(model, kernel)
+    assert str(e.value) == (
+        "LlamaForCausalLM: the teacher's logits are not finite (NaN or infinite) on a probe of 8 "
+        "tokens; check the teacher's weights, or run it in float32 (teacher_logits.dtype) if "
+        "half precision overflows"
     )
 
 

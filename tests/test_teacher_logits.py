@@ -103,6 +103,7 @@ def tokenized(tmp_path_factory, tiny_tokenizer) -> Path:
     [
         ("topk", "auto", "auto"),
         ("sample", "auto", "auto"),
+        ("sample", "auto", "eager"),
         ("sample", "bfloat16", "auto"),
         ("topk", "auto", "fused"),
         ("sample", "auto", "fused"),
@@ -536,6 +537,50 @@ def _ids(tok: Path) -> list[np.ndarray]:
     from pipeline.data.tokenized import load_tokenized
 
     return [s.input_ids for s in load_tokenized(tok).splits.values()]
+
+
+@pytest.mark.parametrize("passes", ["native", "eager"])
+def test_a_teacher_with_non_finite_logits_is_refused(tmp_path, tiny_tokenizer, passes) -> None:
+    """A teacher whose logits hold NaN (here: one token's embedding row is NaN, as broken
+    weights or a half-precision overflow give) is an error naming the first bad sequence, not
+    a store of garbage labels: no store appears, the shard is not recorded, the shard before it
+    stays recorded."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.core.provenance import PROVENANCE_FILE, files_sha256, write_json
+    from pipeline.data.tokenized import write_tokenized as write_rows
+    from tests.conftest import make_teacher
+
+    teacher = make_teacher(tmp_path / "teacher", tiny_tokenizer)
+    vocab = len(tiny_tokenizer)
+    probe = {i * 7919 % vocab for i in range(8)}  # check_split's probe must stay finite
+    bad = next(t for t in range(vocab - 1, 0, -1) if t not in probe)
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[bad] = float("nan")
+    model.save_pretrained(teacher)
+    prov = json.loads((teacher / PROVENANCE_FILE).read_text())
+    prov["sha256"], prov["files"] = files_sha256(teacher)
+    write_json(teacher / PROVENANCE_FILE, prov)
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, bad, (6, 16), dtype=np.int32)
+    train[4, 9] = bad
+    validation = rng.integers(0, bad, (2, 16), dtype=np.int32)
+    tok = tmp_path / "tok"
+    write_rows({"train": (train, ["en"] * 6), "validation": (validation, ["de"] * 2)}, tok)
+    with pytest.raises(InputError) as e:
+        run(small_cfg(vocab_passes=passes), teacher, tok, tmp_path)
+    assert re.fullmatch(
+        r"teacher_logits: the teacher's logits are not finite \(NaN or infinite\) in split "
+        r"'train', sequence 4, position \d+ \(\d+ positions in this batch\); check the "
+        r"teacher's weights, or run it in float32 \(teacher_logits.dtype\) if half precision "
+        r"overflows",
+        str(e.value),
+    ), str(e.value)
+    assert not (tmp_path / "out" / "teacher.zarr").exists()
+    records = [json.loads(p.read_text()) for p in (tmp_path / "work").rglob("*.json")]
+    done = {(r.get("split"), r.get("shard")) for r in records}
+    assert ("train", 0) in done and ("train", 1) not in done  # what was computed is kept
 
 
 @pytest.mark.parametrize("excess", [1, 10_000])

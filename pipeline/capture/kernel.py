@@ -12,8 +12,10 @@ slices of `head_chunk_tokens` rows. Per slice, into scratch buffers reused acros
 cache-sized group of rows; `fused`: one torch.compile'd kernel, `_vocab_stats`, that reads L and
 writes only the per-block and per-row results, so exponentials are recomputed for just the
 blocks and ids used below: on CUDA that replaces about eight trips over the (R, V) slice in
-memory by one; on CPU the passes are bound by the exponentials and fusing measured no faster,
-so `auto` keeps CPU eager), then chooses k ids per position:
+memory by one; `native`, the CPU default: everything below, id choice included, in C
+(`pipeline/capture/_passes.c`, `native_passes`), one row at a time while it is in cache, 3.7-4.2x
+faster than eager: the torch ops' trips over the row and their per-op overhead on the small
+id-choice tensors were most of the passes' cost), then chooses k ids per position:
 
 - `topk`: the k largest logits. The row is cut into blocks of BLOCK ids; the k blocks with the
   largest block maxima must hold every top-k id (each block outside them has k blocks whose
@@ -42,10 +44,10 @@ blocks' sums plus the touched blocks re-summed with the chosen ids zeroed; where
 id is covered), once per batch for the few rows concerned.
 
 Trade-off: every statistic costs a few extra streaming passes over each (R, V) slice instead of
-one over a (B, T, V) tensor, so memory is ~3 x R x V x 4 bytes whatever the batch (1 x fused),
-and small slices stay cache-resident; the price is a per-slice kernel-launch overhead on GPUs (keep R large
-there) and an fp32 head (on CUDA a half-precision matmul with fp32 output when torch supports it,
-which computes the same products exactly).
+one over a (B, T, V) tensor, so memory is ~3 x R x V x 4 bytes whatever the batch (1 x fused or
+native), and small slices stay cache-resident; the price is a per-slice kernel-launch overhead
+on GPUs (keep R large there) and an fp32 head (on CUDA a half-precision matmul with fp32 output
+when torch supports it, which computes the same products exactly).
 """
 
 from __future__ import annotations
@@ -67,9 +69,19 @@ from torch import nn
 from pipeline.core.errors import ConfigError, InputError, first_line
 from pipeline.store.format import LEGACY_SAMPLING, METHODS, SAMPLINGS
 
-FORMAT_VERSION = 1
+try:  # built by setup.py where a C compiler is found (optional)
+    from pipeline.capture import _passes as _native
+
+    _NATIVE_ERROR = ""
+except ImportError as e:  # pragma: no cover - depends on the install
+    _native = None
+    _NATIVE_ERROR = first_line(e)
+
+FORMAT_VERSION = 2
 """Version of how soft labels are computed (block sampling, ordering, tail); part of the
-resume key, so a change here never mixes shards computed two ways."""
+resume key, so a change here never mixes shards computed two ways. 2: `vocab_passes: auto`
+runs the native passes on CPU (own exponential, fixed-order sums; `topk` ties to the lower id),
+so the default CPU labels differ from version 1's in float32 rounding."""
 
 BLOCK = 64
 """Ids per block for the two-level top-k and sampling (block reductions are cheap at 64)."""
@@ -209,26 +221,47 @@ def draw_uniforms(
     return (u + torch.arange(k, dtype=torch.float64)) / k  # (rows, k) ascending
 
 
-VocabPasses = Literal["auto", "fused", "eager"]
+VocabPasses = Literal["auto", "native", "fused", "eager"]
 """`teacher_logits.vocab_passes` (`resolve_vocab_passes`)."""
 VOCAB_PASSES: tuple[str, ...] = get_args(VocabPasses)
 
 
+def native_built() -> bool:
+    """Whether the native passes (`pipeline/capture/_passes.c`) were built by the install."""
+    return _native is not None
+
+
 def resolve_vocab_passes(setting: str, device: str) -> str:
-    """`fused` or `eager` for a `vocab_passes` setting on a device type ("cpu" / "cuda").
+    """`native`, `fused` or `eager` for a `vocab_passes` setting on a device type ("cpu" /
+    "cuda"), or ConfigError naming the key.
 
     auto: fused on CUDA, where the passes are bound by memory and one read of the logits
-    replaces about eight; eager on CPU, where they are bound by the exponentials and fusing
-    measured no faster at V = 4,096 (see docs/teacher-logits.md). The two give the same
-    labels up to the last bit of float32 sums, so the choice is part of the resume key."""
+    replaces about eight; native on CPU (each row read twice while in cache, the id choice in
+    scalar code: 3.7-4.2x faster than the torch ops, see docs/teacher-logits.md), or eager where
+    the install built no native passes (no C compiler). The implementations agree to float32
+    rounding, not bit for bit, so the resolved value is part of the resume key."""
     if setting not in VOCAB_PASSES:
         raise ConfigError(
             f"teacher_logits.vocab_passes: must be one of {', '.join(VOCAB_PASSES)}, "
             f"got {setting!r}"
         )
+    if setting == "native":
+        if device != "cpu":
+            raise ConfigError(
+                f"teacher_logits.vocab_passes: native passes run on the CPU, not {device}; "
+                "set vocab_passes: auto (fused on CUDA) or eager"
+            )
+        if not native_built():
+            raise ConfigError(
+                "teacher_logits.vocab_passes: the native passes were not built with this "
+                f"install ({_NATIVE_ERROR}); reinstall where a C compiler is found "
+                "(pip install -e .) or set vocab_passes: eager"
+            )
     if setting != "auto":
         return setting
-    return "fused" if device == "cuda" else "eager"
+    if device == "cuda":
+        return "fused"
+    return "native" if native_built() else "eager"
 
 
 PHASES = ("body", "head", "passes")
@@ -309,10 +342,14 @@ class SoftLabelKernel:
         self.logprobs = logprobs or method == "topk"
         """Whether `logprobs` and `tail` are computed (a `sample` store written without them
         skips their sort and coverage passes; see `SoftLabels`)."""
-        if vocab_passes not in ("fused", "eager"):
+        if vocab_passes not in ("native", "fused", "eager"):
             raise ValueError(
-                f"vocab_passes must be resolved to fused or eager, got {vocab_passes!r}"
+                f"vocab_passes must be resolved to native, fused or eager, got {vocab_passes!r}"
             )
+        if vocab_passes == "native":
+            resolve_vocab_passes("native", weight.device.type)  # built, on CPU, or ConfigError
+        self.native = vocab_passes == "native"
+        """Whether the passes run in the native code (`native_passes`), a slice at a time."""
         self.fused = vocab_passes == "fused"
         """Whether the vocabulary-wide passes run as one compiled kernel (`_vocab_stats`)."""
         self.device = weight.device
@@ -463,6 +500,8 @@ class SoftLabelKernel:
         cache across the passes (one trip to memory per row instead of one per pass). Every
         pass is per row, so the results are those of one call on all R rows, bit for bit (a
         group is never a single row of several: `_rowsum` sums single rows differently)."""
+        if self.native:  # row by row in cache already: one call for the slice
+            return native_passes(L, u, k=self.k, topk=self.method == "topk", logprobs=self.logprobs)
         bounds = _row_groups(L.shape[0], self.group)
         if len(bounds) == 1:
             return self._passes_rows(L, u)
@@ -571,6 +610,7 @@ class SoftLabelKernel:
         if x.device.type != "cpu" or not bool((x[:, 1:] >= x[:, :-1]).all()):
             x = x.sort(-1).values  # a draw's id depends on its point only: order is free
         blk = torch.searchsorted(cdf, x, right=True)  # (R, k): cdf[blk-1] <= x < cdf[blk]
+        blk.clamp_(max=nb - 1)  # a no-op unless the row holds NaN (refused by the writer)
         base = F.pad(cdf, (1, 0)).gather(-1, blk)  # cdf[blk-1], 0 for the first block
         rest = (x - base).float().view(-1, 1)  # (R*k, 1) mass to walk inside the block
         key = _block_keys(blk, nb)  # (R*k,) sorted
@@ -580,7 +620,41 @@ class SoftLabelKernel:
         last = inner[:, -1:]
         rest = torch.minimum(rest, torch.nextafter(last, torch.zeros_like(last)))
         pos = torch.searchsorted(inner, rest, right=True).view(r, k)  # (R, k)
-        return blk * BLOCK + pos
+        return blk * BLOCK + pos.clamp_(max=BLOCK - 1)  # clamp: as blk's
+
+
+def native_passes(
+    L: torch.Tensor, u: torch.Tensor | None, *, k: int, topk: bool, logprobs: bool
+) -> tuple[torch.Tensor, ...]:
+    """`SoftLabelKernel._passes_rows` in native code (`pipeline/capture/_passes.c`): the same
+    quantities from CPU logits L (R, Vp) fp32 and, for `sample`, CDF points u (R, k) float64;
+    equal to the torch passes up to float32 rounding (an own exponential, fixed-order sums),
+    the same bits on any CPU and thread count. `topk` breaks ties in the k-th value by lower id.
+    The call releases the GIL."""
+    if _native is None:
+        raise RuntimeError(f"native passes not built ({_NATIVE_ERROR})")
+    r, vp = L.shape
+    if L.device.type != "cpu" or L.dtype != torch.float32 or not L.is_contiguous():
+        raise ValueError("native passes need contiguous fp32 CPU logits")
+    if not topk and (u is None or u.dtype != torch.float64 or tuple(u.shape) != (r, k)):
+        raise ValueError(f"sample needs float64 uniforms of shape {(r, k)}")
+    u = None if topk else u.contiguous()
+    ids = torch.empty(r, k, dtype=torch.int32)
+    lp = torch.empty(r, k, dtype=torch.float32)
+    tail = torch.empty(r, dtype=torch.float64)
+    covered, entropy, top1 = (torch.empty(r, dtype=torch.float32) for _ in range(3))
+    tiny = torch.empty(r, dtype=torch.bool)
+    _native.rows(
+        L.data_ptr(),
+        r,
+        vp,
+        k,
+        topk,
+        logprobs,
+        0 if u is None else u.data_ptr(),
+        *(x.data_ptr() for x in (ids, lp, tail, covered, entropy, top1, tiny)),
+    )
+    return ids, lp.to(torch.float16), tail.to(torch.float16), covered, entropy, top1, tiny
 
 
 def _uncovered(exps: _Exps, block_sum: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -739,13 +813,20 @@ def check_split(model: nn.Module, kernel: SoftLabelKernel, *, tokens: int = 8) -
     """Prove that backbone + head reproduces `model(input_ids).logits` on a short probe.
 
     Catches architectures that post-process logits in a way `split_causal_lm` does not know
-    (the relative tolerance covers half-precision rounding, not a missing transform).
+    (the relative tolerance covers half-precision rounding, not a missing transform), and a
+    teacher whose logits are not finite at all.
     """
     n = min(tokens, kernel.vocab_size)
     probe = (torch.arange(n, device=kernel.device) * 7919 % kernel.vocab_size)[None]  # (1, n)
     with torch.inference_mode():
         ref = model(input_ids=probe, use_cache=False).logits.float()[0]  # (n, V)
         ours = kernel.logits(hidden_states(kernel.split, probe)[0])  # (n, V)
+    if not bool(torch.isfinite(ref).all()):
+        raise InputError(
+            f"{type(model).__name__}: the teacher's logits are not finite (NaN or infinite) on a "
+            f"probe of {n} tokens; check the teacher's weights, or run it in float32 "
+            "(teacher_logits.dtype) if half precision overflows"
+        )
     half = kernel.weight.dtype != torch.float32 or ref.dtype != torch.float32
     half = half or next(model.parameters()).dtype != torch.float32
     tol = (3e-2 if half else 1e-3) * max(1.0, float(ref.abs().max()))

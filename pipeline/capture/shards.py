@@ -81,7 +81,7 @@ class Job:
     batch_size: int
     head_chunk_tokens: int
     vocab_passes: str
-    """Resolved: "fused" or "eager" (`pipeline.capture.kernel.resolve_vocab_passes`)."""
+    """Resolved: "native", "fused" or "eager" (`pipeline.capture.kernel.resolve_vocab_passes`)."""
     device: str
     """Resolved: "cpu" or "cuda" (a Dask worker may pick its own "cuda:i")."""
     dtype: str
@@ -294,6 +294,21 @@ class ShardRunner:
         return _HostBatch(offset, tuple(host), event, clock)
 
 
+def _check_finite(entropy: np.ndarray, split: str, first: int, seq_len: int) -> None:
+    """InputError naming the first position whose teacher entropy is not finite: the teacher's
+    logits there hold a NaN or an infinity (broken weights, or half precision overflowing), and
+    labels computed from them would be garbage; raised before the shard is written."""
+    bad = np.flatnonzero(~np.isfinite(entropy.reshape(-1)))
+    if bad.size:
+        row, pos = divmod(int(bad[0]), seq_len)
+        raise InputError(
+            f"teacher_logits: the teacher's logits are not finite (NaN or infinite) in split "
+            f"{split!r}, sequence {first + row}, position {pos} ({bad.size} positions in this "
+            "batch); check the teacher's weights, or run it in float32 (teacher_logits.dtype) "
+            "if half precision overflows"
+        )
+
+
 def _fields(out: SoftLabels) -> tuple[torch.Tensor, ...]:
     return (out.ids, out.logprobs, out.tail, out.covered, out.entropy, out.top1)
 
@@ -383,6 +398,7 @@ class _ShardWriter:
         ids, lp, tail, covered, entropy, top1 = (t.numpy() for t in hb.tensors)
         n = ids.size // (seq_len * k)  # tensors are (n, L, ...) or (n*L, ...)
         a, b = hb.offset, hb.offset + n
+        _check_finite(entropy, cur["split"], cur["start"] + a, seq_len)
         cur["ids"][a:b] = ids.reshape(n, seq_len, k)
         cur["logprobs"][a:b] = lp.reshape(n, seq_len, k)
         cur["tail"][a:b] = tail.reshape(n, seq_len)

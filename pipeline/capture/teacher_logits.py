@@ -115,14 +115,16 @@ class TeacherLogitsConfig:
     disk at k = 32), fine for DVC. Keep chunk_sequences x shard_chunks a multiple of batch_size
     so no batch is cut short at a shard's end."""
     head_chunk_tokens: int = 1024
-    """Positions per slice of the output head: memory ~ 3 x this x vocab x 4 bytes (1 x with
-    fused vocab_passes)."""
+    """Positions per slice of the output head: memory ~ 3 x this x vocab x 4 bytes with eager
+    vocab_passes, 1 x with native (the CPU default) or fused."""
     vocab_passes: VocabPasses = "auto"
-    """How the vocabulary-wide passes (normaliser, entropy, block sums) run: `fused`, one
-    torch.compile'd kernel that reads the logits once and writes nothing vocabulary-sized
-    (Triton on CUDA; a C++ compiler on CPU); `eager`, separate torch ops; auto = fused on
-    CUDA, eager on CPU (measured no faster fused there). Labels agree to float32 rounding, so
-    the choice is part of the resume key."""
+    """How the vocabulary-wide passes (normaliser, entropy, block sums, id choice) run:
+    `native`, CPU only, compiled C (pipeline/capture/_passes.c, built by the install) that reads
+    each row twice while it is in cache; `fused`, one torch.compile'd kernel that reads the
+    logits once and writes nothing vocabulary-sized (Triton on CUDA; a C++ compiler on CPU);
+    `eager`, separate torch ops; auto = fused on CUDA, native on CPU (eager where the install
+    built no native passes). Labels agree to float32 rounding, so the resolved choice is part
+    of the resume key."""
     dask: DaskConfig = field(default_factory=DaskConfig)
     """Distributed execution (see teacher_logits.dask.*)."""
 

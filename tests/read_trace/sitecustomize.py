@@ -7,7 +7,8 @@ process (DVC's own too). An audit hook (PEP 578) sees every `open` made from Pyt
 `python -m pipeline.stages.<name>` (its sys.argv[0] is then .../pipeline/stages/<name>.py)
 appends {"argv", "cwd", "pipeline_dir", "reads", "writes"} to the trace (`pipeline_dir`: where
 that process imported the library from: the working directory's pipeline/, an editable checkout
-or site-packages). Opens made by native code (pyarrow's memory maps, safetensors) are invisible,
+or site-packages). Extension modules, which load without an `open`, count as read once
+imported. Opens made by native code (pyarrow's memory maps, safetensors) are invisible,
 so a folder counts as read when any file inside it is.
 Without SOFTLABELS_READ_TRACE this module does nothing.
 """
@@ -52,6 +53,10 @@ def _install(trace: str) -> None:
         if name != "stages" or os.path.basename(parent) != "pipeline":
             return
         lib = getattr(sys.modules.get("pipeline"), "__file__", None)
+        for module in list(sys.modules.values()):  # extension modules load by dlopen, not open
+            path = getattr(module, "__file__", None) or ""
+            if path.endswith((".so", ".pyd")):
+                reads.add(os.path.abspath(path))
         record = {
             "argv": sys.argv,
             "cwd": os.getcwd(),

@@ -1,0 +1,20 @@
+"""Build of the one compiled part: the native vocabulary-wide passes of teacher_logits
+(`pipeline/capture/_passes.c`; everything else is in pyproject.toml).
+
+Optional: where no C compiler is found the install goes on without it, `vocab_passes: auto`
+falls back to the torch passes on CPU, and `vocab_passes: native` stops with the key to change.
+-ffp-contract=off keeps the same bits on every target (no fused multiply-adds); see the file.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "pipeline.capture._passes",
+            sources=["pipeline/capture/_passes.c"],
+            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-Wno-psabi"],
+            optional=True,
+        )
+    ]
+)
