@@ -1,8 +1,9 @@
 """Build of the one compiled part: the native vocabulary-wide passes of teacher_logits
 (`pipeline/capture/_passes.c`; everything else is in pyproject.toml).
 
-Optional: where no C compiler is found the install goes on without it, `vocab_passes: auto`
-falls back to the torch passes on CPU, and `vocab_passes: native` stops with the key to change.
+Optional: where GCC is not found (the file uses its vector extensions) the install goes on
+without it, `vocab_passes: auto` falls back to the torch passes on CPU, and
+`vocab_passes: native` stops with the key to change.
 -ffp-contract=off keeps the same bits on every target (no fused multiply-adds); see the file.
 """
 

@@ -267,8 +267,8 @@ def test_vocab_passes_resolution_and_errors(monkeypatch) -> None:
         with pytest.raises(
             ConfigError,
             match=r"^teacher_logits.vocab_passes: the native passes were not built with this "
-            r"install \(No module named 'pipeline.capture._passes'\); reinstall where a C "
-            r"compiler is found \(pip install -e .\) or set vocab_passes: eager$",
+            r"install \(No module named 'pipeline.capture._passes'\); reinstall where GCC is "
+            r"found \(pip install -e .\) or set vocab_passes: eager$",
         ):
             SoftLabelKernel(
                 tiny_llama(100), method="sample", k=4, head_chunk_tokens=8, vocab_passes="native"

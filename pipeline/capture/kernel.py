@@ -69,7 +69,7 @@ from torch import nn
 from pipeline.core.errors import ConfigError, InputError, first_line
 from pipeline.store.format import LEGACY_SAMPLING, METHODS, SAMPLINGS
 
-try:  # built by setup.py where a C compiler is found (optional)
+try:  # built by setup.py where GCC is found (optional)
     from pipeline.capture import _passes as _native
 
     _NATIVE_ERROR = ""
@@ -238,7 +238,7 @@ def resolve_vocab_passes(setting: str, device: str) -> str:
     auto: fused on CUDA, where the passes are bound by memory and one read of the logits
     replaces about eight; native on CPU (each row read twice while in cache, the id choice in
     scalar code: 3.7-4.2x faster than the torch ops, see docs/teacher-logits.md), or eager where
-    the install built no native passes (no C compiler). The implementations agree to float32
+    the install built no native passes (no GCC). The implementations agree to float32
     rounding, not bit for bit, so the resolved value is part of the resume key."""
     if setting not in VOCAB_PASSES:
         raise ConfigError(
@@ -254,7 +254,7 @@ def resolve_vocab_passes(setting: str, device: str) -> str:
         if not native_built():
             raise ConfigError(
                 "teacher_logits.vocab_passes: the native passes were not built with this "
-                f"install ({_NATIVE_ERROR}); reinstall where a C compiler is found "
+                f"install ({_NATIVE_ERROR}); reinstall where GCC is found "
                 "(pip install -e .) or set vocab_passes: eager"
             )
     if setting != "auto":
