@@ -9,12 +9,16 @@ without it, `vocab_passes: auto` falls back to the torch passes on CPU, and
 
 from setuptools import Extension, setup
 
+COMPILE_ARGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-Wno-psabi"]
+"""Also the flags of the test's baseline-only build (tests/test_softlabels_kernel.py reads
+them from here), so the bits it compares come from the same compilation."""
+
 setup(
     ext_modules=[
         Extension(
             "pipeline.capture._passes",
             sources=["pipeline/capture/_passes.c"],
-            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-Wno-psabi"],
+            extra_compile_args=COMPILE_ARGS,
             optional=True,
         )
     ]

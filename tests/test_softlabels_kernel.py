@@ -333,6 +333,7 @@ def test_native_passes_give_the_same_bits_on_every_instruction_set(tmp_path) -> 
     """The installed extension (an AVX2 clone where the CPU has it) and a build of the same file
     for the x86-64 baseline only (SSE2, no clones) store the same bytes: no fused multiply-adds,
     sums in a fixed order, so a store does not depend on the CPU that computed it."""
+    import ast
     import importlib.util
     import shutil
     import subprocess
@@ -345,12 +346,17 @@ def test_native_passes_give_the_same_bits_on_every_instruction_set(tmp_path) -> 
     assert cc, "no C compiler (the native passes need one)"
     source = Path(kernel_module.__file__).with_name("_passes.c")
     built = tmp_path / ("_passes" + sysconfig.get_config_var("EXT_SUFFIX"))
+    setup_py = ast.parse((source.parents[2] / "setup.py").read_text())
+    (flags,) = [
+        ast.literal_eval(node.value)
+        for node in setup_py.body
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "COMPILE_ARGS"
+    ]  # setup.py's flags: the installed build's, less the clones
     subprocess.run(
-        [cc, "-O3", "-std=gnu11", "-ffp-contract=off", "-Wno-psabi", "-fPIC", "-shared",
-         "-DSOFTLABELS_NO_CLONES", f"-I{sysconfig.get_paths()['include']}", str(source),
-         "-o", str(built)],
+        [cc, *flags, "-fPIC", "-shared", "-DSOFTLABELS_NO_CLONES"]
+        + [f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(built)],
         check=True,
-    )  # fmt: skip
+    )
     spec = importlib.util.spec_from_file_location("_passes", built)
     baseline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(baseline)

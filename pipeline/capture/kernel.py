@@ -83,6 +83,14 @@ resume key, so a change here never mixes shards computed two ways. 2: `vocab_pas
 runs the native passes on CPU (own exponential, fixed-order sums; `topk` ties to the lower id),
 so the default CPU labels differ from version 1's in float32 rounding."""
 
+NON_FINITE = "the teacher's logits are not finite (NaN or infinite)"
+NON_FINITE_ADVICE = (
+    "check the teacher's weights, or run it in float32 (teacher_logits.dtype) if half "
+    "precision overflows"
+)
+"""What a teacher with NaN or infinite logits is told, by `check_split` and by the shard
+writer (`pipeline.capture.shards`), wherever it shows."""
+
 BLOCK = 64
 """Ids per block for the two-level top-k and sampling (block reductions are cheap at 64)."""
 _PAD_LOGIT = -1e30
@@ -823,9 +831,7 @@ def check_split(model: nn.Module, kernel: SoftLabelKernel, *, tokens: int = 8) -
         ours = kernel.logits(hidden_states(kernel.split, probe)[0])  # (n, V)
     if not bool(torch.isfinite(ref).all()):
         raise InputError(
-            f"{type(model).__name__}: the teacher's logits are not finite (NaN or infinite) on a "
-            f"probe of {n} tokens; check the teacher's weights, or run it in float32 "
-            "(teacher_logits.dtype) if half precision overflows"
+            f"{type(model).__name__}: {NON_FINITE} on a probe of {n} tokens; {NON_FINITE_ADVICE}"
         )
     half = kernel.weight.dtype != torch.float32 or ref.dtype != torch.float32
     half = half or next(model.parameters()).dtype != torch.float32

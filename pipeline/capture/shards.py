@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from pipeline.capture.kernel import (
+    NON_FINITE,
+    NON_FINITE_ADVICE,
     PHASES,
     Fidelity,
     PhaseClock,
@@ -302,10 +304,8 @@ def _check_finite(entropy: np.ndarray, split: str, first: int, seq_len: int) -> 
     if bad.size:
         row, pos = divmod(int(bad[0]), seq_len)
         raise InputError(
-            f"teacher_logits: the teacher's logits are not finite (NaN or infinite) in split "
-            f"{split!r}, sequence {first + row}, position {pos} ({bad.size} positions in this "
-            "batch); check the teacher's weights, or run it in float32 (teacher_logits.dtype) "
-            "if half precision overflows"
+            f"teacher_logits: {NON_FINITE} in split {split!r}, sequence {first + row}, position "
+            f"{pos} ({bad.size} positions in this batch); {NON_FINITE_ADVICE}"
         )
 
 
